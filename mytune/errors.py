@@ -12,3 +12,18 @@ class MytuneError(Exception):
 
 class ConfigError(MytuneError):
     """A bad config key, value or combination of values."""
+
+
+def run_or_exit(main, prog: str = "mytune") -> None:
+    """Run a recipe's `main()`; a `MytuneError` becomes one line on stderr and exit code 2.
+
+    Recipes call this from their `if __name__ == "__main__":` guard, so a user error reads the same whether the
+    recipe was started by `mytune`, by `python recipe.py` or by torchrun. Bugs keep their traceback.
+    """
+    import sys
+
+    try:
+        main()
+    except MytuneError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)

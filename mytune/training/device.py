@@ -1,0 +1,45 @@
+"""Device, dtype and seeding helpers used by every recipe."""
+
+import os
+import random
+
+import torch
+
+from mytune.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available (the local rank's GPU under torchrun), else cpu; otherwise the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def check_device_available(name: str, field: str = "device") -> None:
+    """Raise a ConfigError naming `field` when the requested device cannot be used on this machine."""
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"{field}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field}={name!r} but CUDA is not available on this machine; use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{field}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}={name!r} but MPS is not available on this machine; use device=cpu")
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed python, torch (and CUDA) RNGs; returns a generator for the data sampler so shuffling is reproducible."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
