@@ -1,0 +1,173 @@
+"""The `mytune` command: list, copy, validate and run recipes (in-process, or under torchrun).
+
+    mytune ls
+    mytune cp <recipe> <dest> | mytune cp <recipe>/<config> <dest>   [--force]
+    mytune validate <recipe> --config NAME [--override key=value ...]
+    mytune <recipe> --config NAME [--override key=value ...]
+    mytune [torchrun flags] <recipe> ...
+
+`ls`, `cp` and `--help` only list and copy files, so they never import torch and answer at once.
+"""
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from mytune.cli import recipes
+from mytune.config import configs
+from mytune.errors import MytuneError
+
+USAGE = """\
+usage: mytune <command> [args...]
+
+commands:
+  mytune ls                                  list the shipped recipes and their configs
+  mytune cp <recipe> <dest> [--force]        copy a recipe and its params file, to edit and run your copy
+  mytune cp <recipe>/<config> <dest> [--force]
+                                             copy a config YAML
+  mytune validate <recipe> --config NAME|PATH [--override key=value ...]
+                                             check a config (types, unknown keys, input paths) without running
+  mytune <recipe> --config NAME|PATH [--override key=value ...]
+                                             run a recipe: a shipped name or a path to a .py file
+  mytune <recipe> --help                     the recipe's params, their defaults and docs, and its configs
+  mytune --version                           print the mytune version
+  mytune [torchrun flags] <recipe> [args...]
+                                             run under torchrun, e.g.
+                                             mytune --nproc_per_node 4 full_finetune_distributed --config NAME
+"""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse for the small sub-commands: errors are one `MytuneError` line, not a usage dump."""
+
+    def error(self, message: str):
+        raise MytuneError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mytune` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(USAGE + "\n" + _recipes_table())
+            return 0
+        if argv[0] == "--version":
+            from mytune import __version__
+
+            print(f"mytune {__version__}")
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command == "ls":
+            return ls(rest)
+        if command == "cp":
+            return cp(rest)
+        if command == "validate":
+            return validate(rest)
+        if command.startswith("-"):
+            from mytune.cli.launch import launch
+
+            return launch(argv)
+        return run_recipe(recipes.resolve_recipe(command), rest)
+    except MytuneError as err:
+        print(f"mytune: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # e.g. `mytune cp --help`
+        return _exit_code(exit_.code)
+
+
+def _recipes_table() -> str:
+    rows = [(name, configs.config_names(name)) for name in configs.shipped_recipe_names()]
+    if not rows:
+        return "no shipped recipes found (is the `recipes` package importable?)"
+    width = max(len("RECIPE"), *(len(name) for name, _ in rows))
+    lines = [f"{'RECIPE':<{width}}  CONFIGS"]
+    lines += [f"{name:<{width}}  {', '.join(names) or '-'}" for name, names in rows]
+    return "\n".join(lines)
+
+
+def ls(argv: list[str]) -> int:
+    """Print the shipped recipes and, per recipe, its config names."""
+    _OneLineParser(prog="mytune ls", add_help=True).parse_args(argv)
+    print(_recipes_table())
+    return 0
+
+
+def cp(argv: list[str]) -> int:
+    """Copy a recipe (+ params) or a config; print what was written."""
+    from mytune.cli.copy import copy_config, copy_recipe
+
+    parser = _OneLineParser(prog="mytune cp", description="copy a recipe (with its params) or a config YAML")
+    parser.add_argument("source", help="<recipe> or <recipe>/<config>")
+    parser.add_argument("dest", help="a file path, or a directory")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    args = parser.parse_args(argv)
+    shipped = recipes.shipped_recipes()
+    recipe, _, config = args.source.partition("/")
+    if recipe in shipped and config:
+        written = [copy_config(recipe, config.removesuffix(".yaml"), args.dest, force=args.force)]
+    elif args.source in shipped:
+        recipe_path = shipped[args.source]
+        written = copy_recipe(args.source, recipe_path, recipes.params_file(recipe_path), args.dest, force=args.force)
+    else:
+        candidates = list(shipped) + [f"{r}/{c}" for r in shipped for c in configs.config_names(r)]
+        close = recipes.closest(args.source, candidates)
+        hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else "see `mytune ls`"
+        raise MytuneError(f"unknown recipe or config `{args.source}`: {hint}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def validate(argv: list[str]) -> int:
+    """Parse a recipe's config + overrides into its params dataclass; warn about missing input paths."""
+    from mytune.config import TuneArgumentParser, find_missing_paths
+
+    if not argv or argv[0].startswith("-"):
+        raise MytuneError("validate needs a recipe: mytune validate <recipe> --config NAME|PATH [--override key=value ...]")
+    recipe_path = recipes.resolve_recipe(argv[0])
+    params_cls = recipes.load_params_class(recipe_path)
+    parser = TuneArgumentParser(params_cls, recipe=recipe_path, prog=f"mytune validate {recipe_path.stem}")
+    try:
+        params = parser.parse_params(argv[1:])
+    except SystemExit as exit_:
+        return _exit_code(exit_.code)
+    for message in find_missing_paths(params):
+        print(f"warning: {message}", file=sys.stderr)
+    print(f"OK: {recipe_path.stem} config valid")
+    return 0
+
+
+def run_recipe(recipe_path: Path, args: list[str]) -> int:
+    """Run a recipe file as `__main__` in this process, with `sys.argv = [path, *args]`; returns its exit code.
+
+    The recipe's directory goes first on `sys.path`, as `python recipe.py` would do, so a copied recipe finds
+    its `<stem>_params.py`.
+    """
+    old_argv = sys.argv
+    recipe_dir = str(recipe_path.parent)
+    sys.argv = [str(recipe_path), *args]
+    sys.path.insert(0, recipe_dir)
+    try:
+        runpy.run_path(str(recipe_path), run_name="__main__")
+    except SystemExit as exit_:
+        return _exit_code(exit_.code)
+    finally:
+        sys.argv = old_argv
+        if recipe_dir in sys.path:
+            sys.path.remove(recipe_dir)
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    """`sys.exit` semantics: None -> 0, an int as is, anything else is printed and becomes 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

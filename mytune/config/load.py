@@ -1,0 +1,164 @@
+"""Build a params dataclass from its defaults, a YAML file and `key=value` overrides (highest precedence last).
+
+The YAML and the overrides are merged as raw values into one OmegaConf config *before* interpolations are
+resolved, so `${output_dir}/logs` in a YAML sees an `output_dir=` override, and a YAML may interpolate a field it
+does not set (the dataclass default is in the merge too). `${asset:demo/tokenizer.model}` resolves to the absolute
+path of a file shipped in `mytune/assets`, from any working directory and from a config copied anywhere.
+"""
+
+import dataclasses
+import difflib
+import enum
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from mytune.config.convert import convert_value
+from mytune.errors import ConfigError
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+COMMAND_LINE = "command line"
+
+
+def asset_path(relative: str) -> str:
+    """Absolute path of `mytune/assets/<relative>` (the `${asset:...}` resolver); existence is checked later."""
+    return str(ASSETS_DIR / relative)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """`["lr=1e-4", "output_dir=/tmp/a=b"]` -> `{"lr": "1e-4", "output_dir": "/tmp/a=b"}` (split on the first `=`)."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. --override lr=1e-4)")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, interpolations left unresolved; errors name the file."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _one_line(str(err))
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {_one_line(str(err))}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config must be a mapping of field: value, got a {type(loaded).__name__}")
+    return OmegaConf.to_container(loaded, resolve=False)
+
+
+def load_params(params_cls: type, *, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """An instance of `params_cls` from its defaults < the YAML `config` < `overrides` ("key=value" strings).
+
+    Unknown keys, values of the wrong type, unresolvable interpolations and the `ConfigError`s raised by the
+    dataclass's `__post_init__` all raise `ConfigError` with a one-line message.
+    """
+    fields = {f.name: f for f in dataclasses.fields(params_cls) if f.init}
+    hints = typing.get_type_hints(params_cls)
+
+    sources: dict[str, str] = {}
+    yaml_values = read_yaml(config) if config is not None else {}
+    _check_known_keys(yaml_values, fields, source=str(config))
+    sources.update({key: str(config) for key in yaml_values})
+    override_values = parse_overrides(overrides)
+    _check_known_keys(override_values, fields, source=COMMAND_LINE)
+    sources.update({key: COMMAND_LINE for key in override_values})
+
+    merged = {**_interpolation_defaults(fields), **yaml_values, **override_values}
+    resolved = _resolve(merged, keys=list(sources), sources=sources)
+
+    values = {name: convert_value(resolved[name], hints.get(name, Any), field=name, source=sources[name]) for name in sources}
+    for name, field in fields.items():
+        if name not in values and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{name} has no default: set it in the config or with --override {name}=...")
+    return params_cls(**values)
+
+
+def _check_known_keys(values: dict, fields: dict, *, source: str) -> None:
+    for key in values:
+        if key in fields:
+            continue
+        where = "on the command line" if source == COMMAND_LINE else f"in {source}"
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else " (see --help for the valid keys)"
+        raise ConfigError(f"unknown key `{key}` {where}{hint}")
+
+
+def _interpolation_defaults(fields: dict) -> dict[str, Any]:
+    """Field defaults as plain YAML values, so a config may interpolate a field it does not set."""
+    defaults = {}
+    for name, field in fields.items():
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            continue
+        plain = _plain(value)
+        if plain is not _UNREPRESENTABLE:
+            defaults[name] = plain
+    return defaults
+
+
+_UNREPRESENTABLE = object()
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return value.replace("${", "\\${")  # a default is a literal, never an interpolation
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _UNREPRESENTABLE if any(i is _UNREPRESENTABLE for i in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _UNREPRESENTABLE if any(i is _UNREPRESENTABLE for i in items.values()) else items
+    return _UNREPRESENTABLE
+
+
+def _resolve(merged: dict[str, Any], *, keys: list[str], sources: dict[str, str]) -> dict[str, Any]:
+    """Resolve the interpolations of `keys` against the whole merged config."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    # OmegaConf 2.4 renamed register_new_resolver (and warns on the old name); 2.3 has only the old one.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    register("asset", asset_path, replace=True)
+    try:
+        cfg = OmegaConf.create(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot build the config: {_one_line(str(err))}") from None
+    resolved = {}
+    for key in keys:
+        try:
+            value = cfg[key]
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"{key}: cannot resolve {merged[key]!r} ({sources[key]}): {_one_line(str(err))}"
+            ) from None
+        resolved[key] = value
+    return resolved
+
+
+def _one_line(text: str) -> str:
+    """OmegaConf and YAML messages span lines (with a full_key/object_type trailer); keep the first."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text
