@@ -1,0 +1,14 @@
+"""Hugging Face safetensors checkpoints in and out, written atomically."""
+
+from mytune.checkpoint.atomic import atomic_directory
+from mytune.checkpoint.hf import (
+    KEY_RENAMES,
+    hf_to_mytune_key,
+    load_hf_model,
+    mytune_to_hf_key,
+    read_hf_config,
+    save_hf_checkpoint,
+)
+
+__all__ = ["KEY_RENAMES", "atomic_directory", "hf_to_mytune_key", "load_hf_model", "mytune_to_hf_key",
+           "read_hf_config", "save_hf_checkpoint"]
