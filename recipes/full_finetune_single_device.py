@@ -108,6 +108,7 @@ class FullFinetuneRecipeSingleDevice:
     def train(self) -> None:
         p = self.params
         progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True)
+        tokens_since_log, seconds_since_log = 0, 0.0
         for epoch in range(p.epochs):
             batches = iter(self.dataloader)
             for _ in range(self.steps_per_epoch):
@@ -140,9 +141,10 @@ class FullFinetuneRecipeSingleDevice:
                 self.global_step += 1
 
                 seconds = time.perf_counter() - step_start
-                tokens_per_s = num_input_tokens / seconds
+                tokens_since_log += num_input_tokens
+                seconds_since_log += seconds
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{num_input_tokens / seconds:.0f}")
                 if self.global_step % p.log_every_n_steps == 0 or self.global_step == self.total_steps:
                     self.metric_logger.log(
                         {
@@ -151,10 +153,11 @@ class FullFinetuneRecipeSingleDevice:
                             "loss": step_loss,
                             "lr": lr,
                             "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_s,
-                            "num_tokens": num_input_tokens,
+                            "tokens_per_s": tokens_since_log / seconds_since_log,
+                            "num_tokens": tokens_since_log,
                         }
                     )
+                    tokens_since_log, seconds_since_log = 0, 0.0
         progress.close()
 
     def save_checkpoint(self) -> Path:
