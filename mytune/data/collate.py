@@ -1,25 +1,48 @@
-"""Batch variable-length token/label lists into right-padded tensors."""
+"""Batch variable-length samples (or packed rows) into right-padded tensors."""
 
 from __future__ import annotations
 
 import torch
 
-from mytune.data.instruct import CROSS_ENTROPY_IGNORE_INDEX
+from mytune.data.packing import document_attention_mask
+from mytune.data.sft import CROSS_ENTROPY_IGNORE_INDEX
+
+PAD_DOCUMENT_ID = -1
 
 
-def padded_collate(batch: list[dict], *, pad_id: int,
-                   ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """Right-pad each item's "tokens" with `pad_id` and "labels" with `ignore_index` to the longest item.
+def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX,
+                   pad_to: int | None = None, attn_mask: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad each item's "tokens" with `pad_id` and "labels" with `ignore_index` to the longest item (or `pad_to`).
 
     Padding goes on the right so, with causal attention, real tokens never attend to padding and need no mask;
-    padded label positions are ignored by the loss.
+    padded label positions are ignored by the loss. Packed items also carry "position_ids" (padded with 0) and
+    "document_ids" (padded with -1, so padding is a document of its own); with `attn_mask=True` the batch also gets
+    "attn_mask", the bool `[b, 1, s, s]` mask of `document_attention_mask` (large: prefer letting the model build it).
     """
     max_len = max(len(item["tokens"]) for item in batch)
+    if pad_to is not None:
+        if max_len > pad_to:
+            raise ValueError(f"an item has {max_len} tokens, more than pad_to={pad_to}")
+        max_len = pad_to
+    packed = "document_ids" in batch[0]
     tokens = torch.full((len(batch), max_len), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), max_len), ignore_index, dtype=torch.long)
+    if packed:
+        position_ids = torch.zeros((len(batch), max_len), dtype=torch.long)
+        document_ids = torch.full((len(batch), max_len), PAD_DOCUMENT_ID, dtype=torch.long)
     for row, item in enumerate(batch):
-        if len(item["tokens"]) != len(item["labels"]):
-            raise ValueError(f"batch item {row}: {len(item['tokens'])} tokens but {len(item['labels'])} labels")
-        tokens[row, : len(item["tokens"])] = torch.as_tensor(item["tokens"], dtype=torch.long)
-        labels[row, : len(item["labels"])] = torch.as_tensor(item["labels"], dtype=torch.long)
-    return {"tokens": tokens, "labels": labels}
+        length = len(item["tokens"])
+        if length != len(item["labels"]):
+            raise ValueError(f"batch item {row}: {length} tokens but {len(item['labels'])} labels")
+        tokens[row, :length] = torch.as_tensor(item["tokens"], dtype=torch.long)
+        labels[row, :length] = torch.as_tensor(item["labels"], dtype=torch.long)
+        if packed:
+            position_ids[row, :length] = torch.as_tensor(item["position_ids"], dtype=torch.long)
+            document_ids[row, :length] = torch.as_tensor(item["document_ids"], dtype=torch.long)
+    out = {"tokens": tokens, "labels": labels}
+    if packed:
+        out["position_ids"] = position_ids
+        out["document_ids"] = document_ids
+        if attn_mask:
+            out["attn_mask"] = document_attention_mask(document_ids)
+    return out

@@ -124,17 +124,20 @@ def test_items_are_fresh_lists(char_tokenizer):
     assert len(dataset) == 1 and dataset.token_counts() == [len(dataset[0]["tokens"])]
 
 
-def test_sentencepiece_targets_decode_to_the_output(demo_tokenizer, demo_dir):
+def test_sentencepiece_tokens_are_the_whole_text_and_targets_the_output(demo_tokenizer, demo_dir):
+    """Prompt and output are tokenized as one string (as at inference), not as two (which would add a '▁')."""
     rows = load_rows(demo_dir / "alpaca_demo.jsonl")[:50]
     dataset = InstructDataset(rows, demo_tokenizer, max_seq_len=512)
     for row, item in zip(rows, (dataset[i] for i in range(len(rows)))):
-        targets = [token for token, label in zip(item["tokens"], item["labels"]) if label != -100]
-        assert targets == demo_tokenizer.encode(row["output"], add_bos=False) + [demo_tokenizer.eos_id]
-        assert demo_tokenizer.decode(targets[:-1]) == row["output"]
-        assert item["tokens"][0] == demo_tokenizer.bos_id
-        prompt_end = item["labels"].index(targets[0])
         prompt = alpaca_prompt(row["instruction"], row["input"])
-        assert demo_tokenizer.decode(item["tokens"][1:prompt_end]) == prompt
+        prompt_ids = demo_tokenizer.encode(prompt, add_bos=False)
+        whole = demo_tokenizer.encode(prompt + row["output"], add_bos=False)
+        assert whole[: len(prompt_ids)] == prompt_ids, "the demo prompt ends in a newline: a clean token boundary"
+        assert item["tokens"] == [demo_tokenizer.bos_id] + whole + [demo_tokenizer.eos_id]
+        targets = [token for token, label in zip(item["tokens"], item["labels"]) if label != -100]
+        assert item["labels"][: 1 + len(prompt_ids)] == [-100] * (1 + len(prompt_ids))
+        assert targets == whole[len(prompt_ids):] + [demo_tokenizer.eos_id]
+        assert demo_tokenizer.decode(targets[:-1]) == row["output"]
 
 
 def test_with_the_mytune_tokenizer_loader(demo_tokenizer, demo_dir):

@@ -46,7 +46,7 @@ def test_utf8_bom_and_unicode_line_separator(tmp_path):
 def test_folder_reads_files_in_name_order(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(ROWS[1]) + "\n", encoding="utf-8")
     (tmp_path / "a.json").write_text(json.dumps([ROWS[0]]), encoding="utf-8")
-    (tmp_path / "notes.txt").write_text("ignored", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
     assert load_rows(tmp_path) == ROWS
 
 
@@ -106,15 +106,15 @@ def test_missing_file(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "data.csv"
+    path = tmp_path / "data.xlsx"
     path.write_text("a,b\n", encoding="utf-8")
     message = _error(path)
-    assert "data.csv" in message and ".jsonl" in message
+    assert "data.xlsx" in message and ".jsonl" in message and ".parquet" in message
 
 
 def test_folder_without_data_files(tmp_path):
     (tmp_path / "readme.md").write_text("x", encoding="utf-8")
-    assert "no .json or .jsonl files" in _error(tmp_path)
+    assert "folder has no data files" in _error(tmp_path)
 
 
 def test_not_utf8(tmp_path):
