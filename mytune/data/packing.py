@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mytune.modules.attention import document_causal_mask as document_attention_mask  # noqa: F401  (re-exported)
+
 
 def greedy_pack(lengths: Sequence[int], max_seq_len: int) -> np.ndarray:
     """Boundaries of packs over samples in order: pack p holds samples `bounds[p]:bounds[p+1]`.
@@ -42,11 +44,3 @@ def greedy_pack(lengths: Sequence[int], max_seq_len: int) -> np.ndarray:
     if len(lengths):
         bounds.append(len(lengths))
     return np.asarray(bounds, dtype=np.int64)
-
-
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Bool `[b, 1, s, s]` mask, True where query q may attend key k: `k <= q` and same document id."""
-    seq = document_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
-    return (same & causal).unsqueeze(1)

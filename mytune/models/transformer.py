@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mytune.errors import MytuneError
-from mytune.modules.attention import Attention
+from mytune.modules.attention import Attention, document_causal_mask
 from mytune.modules.kv_cache import KVCache
 from mytune.modules.mlp import SwiGLUMLP
 from mytune.modules.rms_norm import RMSNorm
@@ -212,8 +212,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer_idx)
+                kv_cache: KVCache | None = None, layer_idx: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer_idx, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -262,12 +263,14 @@ class TransformerDecoder(nn.Module):
                 module.reset_parameters()
 
     def forward(self, tokens: torch.LongTensor, position_ids: torch.LongTensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, document_ids: torch.LongTensor | None = None) -> torch.Tensor:
         """`tokens` `[batch, seq]` -> logits `[batch, seq, vocab]` in the model's dtype.
 
         `position_ids` default to `0..seq-1` (after the cached positions when a `kv_cache` is given, which is then
-        filled with this call's keys/values).
+        filled with this call's keys/values). `document_ids` `[batch, seq]` mark the samples of packed rows: attention
+        then stays inside each sample (pass `position_ids` restarting per sample too).
         """
+        attn_mask = document_causal_mask(document_ids) if document_ids is not None else None
         batch, seq = tokens.shape
         num_past = kv_cache.seq_len if kv_cache is not None else 0
         if position_ids is None:
@@ -275,7 +278,7 @@ class TransformerDecoder(nn.Module):
         h = self.model.embed_tokens(tokens)
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)
         for layer_idx, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, kv_cache, layer_idx)
+            h = layer(h, cos, sin, kv_cache, layer_idx, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(seq)
         return self.lm_head(self.model.norm(h))

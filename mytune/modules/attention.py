@@ -9,6 +9,18 @@ from mytune.modules.rms_norm import RMSNorm
 from mytune.modules.rope import apply_rotary
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Bool `[b, 1, s, s]` mask for packed rows: query q may attend key k iff `k <= q` and both share a document id.
+
+    `document_ids` `[b, s]` number the samples packed into each row (padding gets its own id, e.g. -1). Every position
+    sees itself, so no row of the mask is empty and SDPA never produces NaN.
+    """
+    seq = document_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    return (same & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Self-attention with Hugging Face parameter names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`).
 
@@ -34,8 +46,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        """`x` `[batch, seq, hidden]` -> same shape; `cos`/`sin` `[batch, seq, head_dim]` for these positions."""
+                kv_cache: KVCache | None = None, layer_idx: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[batch, seq, hidden]` -> same shape; `cos`/`sin` `[batch, seq, head_dim]` for these positions.
+
+        `attn_mask` (bool `[batch, 1, seq, seq]`, True = may attend) replaces the causal mask, e.g. the
+        `document_causal_mask` of packed rows; it cannot be combined with a KV cache.
+        """
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
@@ -45,6 +62,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+        if attn_mask is not None:
+            if kv_cache is not None:
+                raise ValueError("attn_mask (packed sequences) cannot be combined with a kv_cache")
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
         num_past = 0
         if kv_cache is not None:
             num_past = kv_cache.seq_len
