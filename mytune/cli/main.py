@@ -5,6 +5,10 @@
     mytune validate <recipe> --config NAME [--override key=value ...]
     mytune <recipe> --config NAME [--override key=value ...]
     mytune [torchrun flags] <recipe> ...
+    mytune slurm [sbatch options] <recipe> ...
+
+<recipe> is a shipped name, a path to a .py file, or a module path `pkg.module[:function]` (in that order);
+docs/launching.md describes every form.
 
 `ls`, `cp` and `--help` only list and copy files, so they never import torch and answer at once.
 """
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mytune.cli import recipes
+from mytune.cli.checks import precheck
 from mytune.config import configs
 from mytune.errors import MytuneError
 
@@ -29,12 +34,16 @@ commands:
   mytune validate <recipe> --config NAME|PATH [--override key=value ...]
                                              check a config (types, unknown keys, input paths) without running
   mytune <recipe> --config NAME|PATH [--override key=value ...]
-                                             run a recipe: a shipped name or a path to a .py file
+                                             run a recipe: a shipped name, a path to a .py file,
+                                             or a module path pkg.module[:function]
   mytune <recipe> --help                     the recipe's params, their defaults and docs, and its configs
   mytune --version                           print the mytune version
   mytune [torchrun flags] <recipe> [args...]
                                              run under torchrun, e.g.
                                              mytune --nproc_per_node 4 full_finetune_distributed --config NAME
+  mytune slurm [--nodes N --gpus-per-node G --partition P --time T ...] [--submit] <recipe> [args...]
+                                             write (and with --submit, sbatch) a Slurm script running
+                                             the same command under srun + torchrun
 """
 
 
@@ -64,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             return cp(rest)
         if command == "validate":
             return validate(rest)
+        if command == "slurm":
+            from mytune.cli.slurm import slurm
+
+            return slurm(rest)
         if command.startswith("-"):
             from mytune.cli.launch import launch
 
@@ -125,37 +138,54 @@ def validate(argv: list[str]) -> int:
 
     if not argv or argv[0].startswith("-"):
         raise MytuneError("validate needs a recipe: mytune validate <recipe> --config NAME|PATH [--override key=value ...]")
-    recipe_path = recipes.resolve_recipe(argv[0])
+    recipe = recipes.resolve_recipe(argv[0])
+    recipe_path = recipes.recipe_file(recipe)
+    if recipe_path is None:
+        raise MytuneError(f"module `{recipe.module}` has no file to find its params from: validate a recipe .py file")
+    precheck(recipe, argv[1:], validate=False)  # a moved params file, a config of another recipe
     params_cls = recipes.load_params_class(recipe_path)
-    parser = TuneArgumentParser(params_cls, recipe=recipe_path, prog=f"mytune validate {recipe_path.stem}")
+    parser = TuneArgumentParser(params_cls, recipe=recipe_path, prog=f"mytune validate {recipe.stem}")
     try:
         params = parser.parse_params(argv[1:])
     except SystemExit as exit_:
         return _exit_code(exit_.code)
     for message in find_missing_paths(params):
         print(f"warning: {message}", file=sys.stderr)
-    print(f"OK: {recipe_path.stem} config valid")
+    print(f"OK: {recipe.stem} config valid")
     return 0
 
 
-def run_recipe(recipe_path: Path, args: list[str]) -> int:
-    """Run a recipe file as `__main__` in this process, with `sys.argv = [path, *args]`; returns its exit code.
+def run_recipe(recipe: Path | recipes.ModuleRecipe, args: list[str]) -> int:
+    """Run a recipe in this process; returns its exit code.
 
-    The recipe's directory goes first on `sys.path`, as `python recipe.py` would do, so a copied recipe finds
-    its `<stem>_params.py`.
+    A file runs as `__main__` with `sys.argv = [path, *args]` and its directory first on `sys.path`, as
+    `python recipe.py` would do, so a copied recipe finds its `<stem>_params.py`. A module `pkg.mod` runs as
+    `python -m pkg.mod` would; `pkg.mod:fn` calls `fn(args)` (see `mytune.cli.entry`). Both see the current
+    directory first on `sys.path`.
     """
-    old_argv = sys.argv
-    recipe_dir = str(recipe_path.parent)
-    sys.argv = [str(recipe_path), *args]
-    sys.path.insert(0, recipe_dir)
+    precheck(recipe, args, validate=False)
+    if isinstance(recipe, recipes.ModuleRecipe) and recipe.function is not None:
+        from mytune.cli.entry import call_recipe_function
+
+        try:
+            return call_recipe_function(recipe.module, recipe.function, args)
+        except SystemExit as exit_:
+            return _exit_code(exit_.code)
+    old_argv, old_path = sys.argv, list(sys.path)
     try:
-        runpy.run_path(str(recipe_path), run_name="__main__")
+        if isinstance(recipe, recipes.ModuleRecipe):
+            sys.argv = [str(recipe.origin or recipe.module), *args]
+            sys.path.insert(0, str(Path.cwd()))
+            runpy.run_module(recipe.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [str(recipe), *args]
+            sys.path.insert(0, str(recipe.parent))
+            runpy.run_path(str(recipe), run_name="__main__")
     except SystemExit as exit_:
         return _exit_code(exit_.code)
     finally:
         sys.argv = old_argv
-        if recipe_dir in sys.path:
-            sys.path.remove(recipe_dir)
+        sys.path[:] = old_path
     return 0
 
 
