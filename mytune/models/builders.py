@@ -4,6 +4,7 @@ Each builder returns a randomly initialised `TransformerDecoder` (wrap the call 
 without allocating); `model_args(name)` gives the bare `ModelArgs`. Values follow the base (not instruct) models.
 """
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 
@@ -90,8 +91,28 @@ def _tiny_args(vocab_size: int = 512) -> ModelArgs:
 MODEL_ARGS["llama_tiny"] = _tiny_args
 
 
+def tiny_variant(args: ModelArgs, vocab_size: int = 512) -> ModelArgs:
+    """A few-hundred-thousand-parameter model of the same family as `args`, for smoke tests of real configs.
+
+    Keeps what distinguishes the family (model type, rope scaling and theta, qkv bias, q/k norm, tied embeddings,
+    grouped-query ratio) and shrinks every size.
+    """
+    group = max(1, args.num_attention_heads // args.kv_heads)
+    heads = 4 if group <= 4 else group
+    return dataclasses.replace(
+        args, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // group), head_dim=16,
+        max_position_embeddings=min(args.max_position_embeddings, 2048), bos_token_id=1, eos_token_id=2,
+    )
+
+
 def model_args(name: str) -> ModelArgs:
-    """The `ModelArgs` of a named builder; an unknown name raises MytuneError with the closest names."""
+    """The `ModelArgs` of a named builder; `<name>_tiny` is `tiny_variant` of `<name>`.
+
+    An unknown name raises MytuneError with the closest names.
+    """
+    if name.endswith("_tiny") and name[: -len("_tiny")] in MODEL_ARGS:
+        return tiny_variant(MODEL_ARGS[name[: -len("_tiny")]]())
     if name not in MODEL_ARGS:
         close = difflib.get_close_matches(name, MODEL_ARGS, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(MODEL_ARGS))}"
