@@ -263,12 +263,17 @@ class TransformerDecoder(nn.Module):
                 module.reset_parameters()
 
     def forward(self, tokens: torch.LongTensor, position_ids: torch.LongTensor | None = None,
-                kv_cache: KVCache | None = None, document_ids: torch.LongTensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, document_ids: torch.LongTensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """`tokens` `[batch, seq]` -> logits `[batch, seq, vocab]` in the model's dtype.
 
         `position_ids` default to `0..seq-1` (after the cached positions when a `kv_cache` is given, which is then
         filled with this call's keys/values). `document_ids` `[batch, seq]` mark the samples of packed rows: attention
         then stays inside each sample (pass `position_ids` restarting per sample too).
+
+        With `return_hidden`, the final-normed hidden states `[batch, seq, hidden]` come back instead of logits (the
+        `lm_head` is not applied), for `training.loss.chunked_cross_entropy_sum`, which applies `lm_head.weight` a
+        chunk of tokens at a time so the full `[batch, seq, vocab]` logits never exist.
         """
         attn_mask = document_causal_mask(document_ids) if document_ids is not None else None
         batch, seq = tokens.shape
@@ -281,4 +286,5 @@ class TransformerDecoder(nn.Module):
             h = layer(h, cos, sin, kv_cache, layer_idx, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        return self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        return h if return_hidden else self.lm_head(h)

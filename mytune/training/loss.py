@@ -7,6 +7,7 @@ batch is split into micro-batches or padded, which plain per-micro-batch means a
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -25,3 +26,48 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     shifted_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
     shifted_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`cross_entropy_sum(hidden @ lm_head_weight.T, labels)` without ever holding the full logits.
+
+    Why: for a 128k-256k vocabulary the `[batch, seq, vocab]` logits (plus their float32 copy, the log-softmax and
+    its gradient) are the largest tensors of a training step, often larger than all activations of the layers.
+    Here the output projection and the loss run `chunk_size` tokens at a time, each chunk under a non-reentrant
+    `torch.utils.checkpoint`: the forward keeps only each chunk's scalar loss, the backward recomputes one chunk's
+    logits at a time. Peak extra memory is ~`chunk_size * vocab` floats instead of `batch * seq * vocab`, for the
+    price of a second `lm_head` matmul in the backward.
+
+    `hidden` is `[batch, seq, hidden]` from `TransformerDecoder(tokens, return_hidden=True)`; `lm_head_weight` is
+    `model.lm_head.weight` (`[vocab, hidden]`); `labels` is aligned with the tokens as for `cross_entropy_sum` (the
+    hidden state at position t predicts label t+1). Positions labelled `ignore_index` are dropped before the
+    projection, so prompt tokens masked out of the loss cost no `lm_head` compute. Each chunk's logits are cast to
+    float32 before the softmax, as in `cross_entropy_sum`; the returned sum is a float32 scalar.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != ignore_index
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # split (not a loop of slices): one backward node concatenates the chunks' input gradients once.
+    for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_cross_entropy_sum, hidden_chunk, lm_head_weight, target_chunk, ignore_index,
+            use_reentrant=False, preserve_rng_state=False,
+        )
+    return total
+
+
+def _chunk_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             ignore_index: int) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")

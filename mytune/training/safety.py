@@ -1,0 +1,88 @@
+"""Stopping a run cleanly: on a preemption signal (save, then exit 0) and on a non-finite loss (one-line error).
+
+`PreemptionHandler` turns SIGTERM (what Slurm, Kubernetes and torchrun's agent send before killing a job) into a flag
+the training loop reads between optimizer steps, so the recipe saves a resumable checkpoint at a step boundary instead
+of dying mid-step. The handler itself only sets the flag: nothing that allocates, locks or does I/O runs inside a
+signal handler.
+"""
+
+import math
+import signal
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from mytune.errors import MytuneError
+
+
+class PreemptionHandler:
+    """Catch `signals` (SIGTERM by default) and record them; `should_stop` tells the loop to save and exit.
+
+        handler = PreemptionHandler().install()        # in the main thread, once, before training
+        ...after each optimizer step:
+        if handler.should_stop:                        # (distributed: handler.should_stop_on_any_rank(device))
+            save checkpoint + recipe state; return      # the process exits 0
+        ...finally: handler.uninstall()
+
+    Add `signal.SIGUSR1` to `signals` for Slurm's `--signal=USR1@120` early warning. `uninstall()` (or leaving the
+    `with` block) restores the previous handlers.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    @property
+    def should_stop(self) -> bool:
+        return self.received is not None
+
+    def install(self) -> "PreemptionHandler":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def should_stop_on_any_rank(self, device: torch.device) -> bool:
+        """True on every rank when any rank was signalled (a MAX all-reduce), so all ranks stop at the same step.
+
+        A collective: call it on every rank at the same point of every step. Without a process group it is
+        `should_stop`.
+        """
+        if not torch.distributed.is_initialized():
+            return self.should_stop
+        flag = torch.tensor([1.0 if self.should_stop else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def check_finite(loss: float | torch.Tensor, step: int, *, last_checkpoint: str | Path | None = None,
+                 lr: float | None = None) -> None:
+    """Raise a one-line MytuneError when `loss` (the step's loss) is nan or inf; otherwise do nothing.
+
+    The message names the step, what to change and where to restart from, e.g.
+    "loss is nan at step 7: training diverged; lower lr (now 0.0002) or set max_grad_norm; the last good checkpoint
+    is out/step_5". A tensor `loss` is read with `.item()` (one device sync).
+    """
+    value = float(loss.item() if isinstance(loss, torch.Tensor) else loss)
+    if math.isfinite(value):
+        return
+    lr_text = f" (now {lr:g})" if lr is not None else ""
+    where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+             else "no checkpoint was saved before it")
+    raise MytuneError(f"loss is {value} at step {step}: training diverged; lower lr{lr_text} or set max_grad_norm; "
+                      f"{where}")

@@ -1,0 +1,77 @@
+"""Metric loggers: one log call reaches jsonl, stdout, TensorBoard (and wandb) with the same values."""
+
+import sys
+import types
+
+import pytest
+
+from mytune.errors import ConfigError
+from mytune.training.metrics import build_metric_loggers, check_metric_loggers, read_metrics
+
+ROWS = [
+    {"step": 1, "epoch": 0, "loss": 2.5, "lr": 1e-5, "grad_norm": None, "tokens_per_s": 1234.5678},
+    {"step": 2, "epoch": 0, "loss": 2.25, "lr": 2e-5, "grad_norm": 0.75, "tokens_per_s": 1300.0},
+]
+
+
+def test_jsonl_stdout_and_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard to test the TensorBoard logger")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = build_metric_loggers(tmp_path, ["jsonl", "stdout", "tensorboard", "jsonl"])
+    assert len(logger.loggers) == 3
+    for row in ROWS:
+        logger.log(row)
+    logger.close()
+
+    assert read_metrics(tmp_path / "metrics.jsonl") == ROWS
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "step 1 | epoch 0 | grad_norm None | loss 2.5 | lr 1e-05 | tokens_per_s 1234.6",
+        "step 2 | epoch 0 | grad_norm 0.75 | loss 2.25 | lr 2e-05 | tokens_per_s 1300",
+    ]
+
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    assert set(accumulator.Tags()["scalars"]) == {"epoch", "loss", "lr", "grad_norm", "tokens_per_s"}
+    assert [(e.step, e.value) for e in accumulator.Scalars("loss")] == [(1, 2.5), (2, 2.25)]
+    assert [e.step for e in accumulator.Scalars("grad_norm")] == [2]  # None is not logged
+    assert accumulator.Scalars("lr")[1].value == pytest.approx(2e-5)
+
+
+def test_unknown_or_missing_loggers_are_config_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="'tensorbord' is not known; did you mean 'tensorboard'"):
+        check_metric_loggers(["jsonl", "tensorbord"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ConfigError, match=r"needs the wandb package: pip install wandb$"):
+        check_metric_loggers(["wandb"])
+    with pytest.raises(ConfigError, match=r"pip install tensorboard$"):
+        check_metric_loggers(["stdout", "tensorboard"])
+
+
+def test_wandb_logger_calls(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    logger = build_metric_loggers(tmp_path, ["wandb"], run_name="r1", config={"lr": 1e-5})
+    logger.log(ROWS[0])
+    logger.close()
+    assert calls == [
+        ("init", {"project": "mytune", "name": "r1", "dir": str(tmp_path), "config": {"lr": 1e-5}}),
+        ("log", {"epoch": 0.0, "loss": 2.5, "lr": 1e-5, "tokens_per_s": 1234.5678}, 1),
+        ("finish",),
+    ]
