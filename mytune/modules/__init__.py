@@ -8,3 +8,6 @@ from mytune.modules.rope import RotaryEmbedding, apply_rotary, rope_inv_freq, ro
 
 __all__ = ["Attention", "KVCache", "RMSNorm", "RotaryEmbedding", "SwiGLUMLP", "apply_rotary", "rope_inv_freq",
            "rotate_half"]
+from mytune.modules.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora  # noqa: E402
+
+__all__ += ["LoRALinear", "apply_lora", "lora_state_dict", "merge_lora"]

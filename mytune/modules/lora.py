@@ -1,0 +1,310 @@
+"""LoRA and DoRA adapters on frozen linear layers, optionally over an NF4-quantized base (QLoRA).
+
+The math, initialisation and parameter names are PEFT's, so an adapter trained here loads into
+`peft.PeftModel` with the same outputs (see `mytune.checkpoint.peft`):
+
+    LoRA:  y = x W^T + b + (dropout(x) A^T B^T) * alpha / r     A: [r, in] kaiming-uniform(a=sqrt(5)), B: [out, r] zeros
+    DoRA:  y = m / ||W + s B A||_row * (x W^T + s x A^T B^T) + b   m: `lora_magnitude_vector` [out], init ||W||_row,
+           the norm detached from the graph (DoRA paper section 4.3, as PEFT does)
+
+`LoRALinear` keeps the wrapped layer's `weight` and `bias` at the same state-dict path (`...q_proj.weight`), so a
+Hugging Face checkpoint loads into a LoRA model unchanged; the adapter adds `lora_A.weight`, `lora_B.weight` and
+(DoRA) `lora_magnitude_vector` next to them, PEFT's key names minus its `base_model.model.` prefix.
+"""
+
+import contextlib
+import copy
+import difflib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mytune.errors import MytuneError
+
+# Hugging Face module names LoRA can target, in model order.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# Other spellings users bring along (Megatron-core names, torchtune's `output`) -> the HF modules they mean.
+LORA_TARGET_ALIASES: dict[str, tuple[str, ...]] = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+    "output": ("lm_head",),
+}
+# The adapter's own state-dict entries inside a LoRALinear (PEFT names them the same).
+LORA_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+# NF4 (QLoRA paper): 64 weights share one scale; 256 scales share one double-quantization factor.
+NF4_BLOCK_SIZE = 64
+NF4_SCALER_BLOCK_SIZE = 256
+
+
+def resolve_lora_targets(names: Sequence[str]) -> list[str]:
+    """Target names (HF names or aliases) -> the HF module names they mean, in model order, without repeats.
+
+    An unknown name raises MytuneError naming the closest known ones.
+    """
+    known = [*LORA_TARGETS, *LORA_TARGET_ALIASES]
+    wanted: set[str] = set()
+    for name in names:
+        if name in LORA_TARGETS:
+            wanted.add(name)
+        elif name in LORA_TARGET_ALIASES:
+            wanted.update(LORA_TARGET_ALIASES[name])
+        else:
+            close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise MytuneError(f"lora_target_modules: unknown module name {name!r}; {hint}known: {', '.join(known)}")
+    if not wanted:
+        raise MytuneError(f"lora_target_modules is empty: name at least one of {', '.join(known)}")
+    return [name for name in LORA_TARGETS if name in wanted]
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`weight`, `bias`) plus a trainable low-rank update `lora_B @ lora_A` (PEFT's math).
+
+    With `use_dora`, the update is DoRA's: the output is rescaled row-wise by the trainable `lora_magnitude_vector`
+    over the detached norm of the combined weight. With a quantized base (`quantize_base` in `from_linear`),
+    `weight` is a torchao `NF4Tensor`; the adapter stays in the base layer's compute dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dropout: float = 0.0,
+                 use_dora: bool = False, bias: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.use_dora = rank, alpha, use_dora
+        self.scaling = alpha / rank
+        self.quantized = False
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, **factory)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # like nn.Linear; from_linear replaces it
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0, use_dora: bool = False,
+                    quantize_base: bool = False, device: torch.device | str | None = None) -> "LoRALinear":
+        """Wrap `linear`: its weight and bias become this layer's (frozen; NF4 with `quantize_base`), adapter fresh.
+
+        `device` moves the layer there first (default: where `linear` is), so the NF4 conversion runs there.
+        """
+        weight = linear.weight.detach().to(device) if device is not None else linear.weight.detach()
+        with torch.device("meta"):  # the placeholder tensors are replaced right away: allocate nothing
+            layer = cls(linear.in_features, linear.out_features, rank=rank, alpha=alpha, dropout=dropout,
+                        use_dora=use_dora, bias=linear.bias is not None, dtype=weight.dtype)
+        layer.lora_A.to_empty(device=weight.device)
+        layer.lora_B.to_empty(device=weight.device)
+        if use_dora:
+            layer.lora_magnitude_vector = nn.Parameter(torch.empty(linear.out_features, device=weight.device,
+                                                                   dtype=weight.dtype))
+        layer.quantized = quantize_base
+        layer.weight = nn.Parameter(to_nf4(weight) if quantize_base else weight, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(weight.device), requires_grad=False)
+        layer.train(linear.training)
+        layer.reset_lora_parameters()
+        return layer
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform(a=sqrt(5)), B zeros (so the layer starts as the base layer);
+        the DoRA magnitude is the row norm of the (unchanged) combined weight."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora and not self.weight.is_meta:
+            self.lora_magnitude_vector.copy_(self._weight_norm(self.dense_weight(), self.lora_weight()))
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight as a plain tensor in `dtype` (default: the adapter's dtype); NF4 is dequantized."""
+        dtype = dtype or self.lora_A.weight.dtype
+        if self.quantized:
+            return self.weight.get_original_weight().to(dtype)
+        return self.weight.to(dtype)
+
+    def lora_weight(self) -> torch.Tensor:
+        """`B @ A`, `[out, in]`, unscaled."""
+        return self.lora_B.weight @ self.lora_A.weight
+
+    def _weight_norm(self, weight: torch.Tensor, lora_weight: torch.Tensor) -> torch.Tensor:
+        """Row-wise L2 norm of `W + scaling * B A` (PEFT's `get_weight_norm`)."""
+        return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NF4Tensor handles F.linear itself (torchao's `linear_nf4`: dequantize to x.dtype, matmul, no weight grad).
+        result = F.linear(x, self.weight, self.bias)
+        if not self.use_dora:
+            return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return result + self._dora_delta(x, result)
+
+    def _dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output, exactly as PEFT's `DoraLinearLayer.forward` computes it."""
+        weight = self.dense_weight(x.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_result = result if self.bias is None else result - self.bias
+        else:
+            x = self.lora_dropout(x)
+            base_result = F.linear(x, weight)
+        weight_norm = self._weight_norm(weight, self.lora_weight().to(x.dtype).detach()).detach()
+        mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
+        lora_result = self.lora_B(self.lora_A(x))
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The plain weight equal to base + adapter (computed in float32, returned in `dtype`, default the adapter's).
+
+        LoRA: `W + s B A`; DoRA: `m / ||W + s B A||_row * (W + s B A)` (PEFT's merge).
+        """
+        dtype = dtype or self.lora_A.weight.dtype
+        weight = self.dense_weight(torch.float32)
+        merged = weight + self.scaling * self.lora_weight().float()
+        if self.use_dora:
+            norm = torch.linalg.norm(merged, dim=1)
+            merged = (self.lora_magnitude_vector.float() / norm).view(-1, 1) * merged
+        return merged.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, use_dora={self.use_dora}, quantized={self.quantized}")
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+
+def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0,
+               use_dora: bool = False, quantize_base: bool = False,
+               device: torch.device | str | None = None) -> nn.Module:
+    """Replace the `nn.Linear` modules named by `targets` (HF names or aliases) with `LoRALinear`, in place.
+
+    Every other parameter is frozen; only the adapters' `lora_A`, `lora_B` (and DoRA magnitudes) train.
+    With `quantize_base`, the targeted layers' base weights are stored in NF4 (QLoRA). `device` moves each targeted
+    layer there as it is wrapped (the rest of the model stays put): a model loaded on the CPU then reaches the
+    accelerator already quantized, one layer in full precision at a time. The adapters are initialised from the
+    global RNG (seed it for reproducibility). Returns `model`.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("apply_lora: the model already has LoRA layers")
+    wanted = set(resolve_lora_targets(targets))
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rpartition(".")[2] in wanted]
+    if not found:
+        raise MytuneError(f"lora_target_modules {list(targets)} matches no linear layer of this model")
+    _refuse_shared_weights(model, found)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, linear in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear.from_linear(linear, rank=rank, alpha=alpha, dropout=dropout,
+                                                      use_dora=use_dora, quantize_base=quantize_base, device=device))
+    return model
+
+
+def _refuse_shared_weights(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+    """A tied weight (lm_head = embed_tokens) cannot take an adapter: merging would untie it and save a wrong model."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, linear in targets:
+        others = [n for n in owners.get(id(linear.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise MytuneError(
+                f"lora_target_modules: {name} shares its weight with {others[0]} (tie_word_embeddings), so it cannot "
+                f"take a LoRA adapter; remove {name.rpartition('.')[2]!r} (or 'output') from lora_target_modules"
+            )
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(module name, layer) for every `LoRALinear` of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, by their model state-dict key (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    state = {}
+    for name, layer in lora_layers(model):
+        for key, tensor in layer.state_dict().items():
+            if key in LORA_PARAM_NAMES:
+                state[f"{name}.{key}" if name else key] = tensor
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that require grad (after `apply_lora`: the adapters), for the optimizer and grad clipping."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, *, inplace: bool = False, device: torch.device | str | None = None) -> nn.Module:
+    """A model whose `LoRALinear` layers are plain `nn.Linear` holding the merged weights (for an HF save).
+
+    By default `model` is left as is (training can go on): the result shares every other tensor with it, only the
+    merged weights are new. `device` places the merged weights (default: the base weight's device), e.g. "cpu" to
+    save a large model without a second copy of the targeted weights on the accelerator. With `inplace`, `model`'s
+    own layers are replaced. A quantized base is dequantized; merged weights take the adapter's dtype.
+    """
+    if not inplace:
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        model = copy.deepcopy(model, memo=dict(shared))  # copies modules only: tensors are in the memo
+    for name, layer in list(lora_layers(model)):
+        weight = layer.merged_weight()
+        target = torch.device(device) if device is not None else weight.device
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(target), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.detach().to(target, weight.dtype), requires_grad=False)
+        linear.train(layer.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as a torchao `NF4Tensor` (block 64, double-quantized scales; dequantizes to `weight.dtype`).
+
+    The scale block is 256 scales when the weight has a multiple of 64 * 256 elements (every real model), else the
+    largest power of two that divides the number of blocks (tiny test models).
+    """
+    if weight.numel() % NF4_BLOCK_SIZE:
+        raise MytuneError(f"quantize_base: a weight of shape {tuple(weight.shape)} cannot be stored in NF4 "
+                          f"(needs a multiple of {NF4_BLOCK_SIZE} elements); set quantize_base=false")
+    n_blocks = weight.numel() // NF4_BLOCK_SIZE
+    try:
+        with _quiet_torchao_import():
+            from torchao.quantization import to_nf4 as torchao_to_nf4
+    except ImportError as err:
+        raise MytuneError(f"quantize_base=true needs torchao (pip install torchao): {err}") from None
+    return torchao_to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, math.gcd(n_blocks, NF4_SCALER_BLOCK_SIZE))
+
+
+@contextlib.contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """torchao's import logs warnings on CPU-only or mismatched builds (kernels .so it cannot load, a torch pytree
+    deprecation); they say nothing about NF4, which is pure PyTorch, so hold those two loggers at ERROR meanwhile."""
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,97 @@
+"""End to end: the LoRA tiny_demo trains (loss falls, base frozen) and writes a merged HF checkpoint plus a PEFT
+adapter that transformers / peft / mytune load to the same logits; DoRA + QLoRA runs; bad targets fail in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mytune.checkpoint import load_hf_model, load_peft_adapter
+from mytune.config import TuneArgumentParser
+from mytune.training.metrics import read_metrics
+from recipes import lora_finetune_single_device as recipe
+from recipes.params.lora_finetune_single_device import LoRAFinetuneParams
+
+STEPS = 20
+
+
+def demo_params(tmp_path: Path, *overrides: str) -> LoRAFinetuneParams:
+    parser = TuneArgumentParser(LoRAFinetuneParams, recipe="lora_finetune_single_device")
+    argv = ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "log_every_n_steps=1", *overrides]
+    return parser.parse_params(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_demo")
+    params = demo_params(out, f"max_steps_per_epoch={STEPS}", "epochs=1")
+    return params, recipe.recipe_main(params)
+
+
+def test_loss_decreases(trained):
+    params, _ = trained
+    rows = read_metrics(Path(params.output_dir) / "metrics.jsonl")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == STEPS and all(r["tokens_per_s"] > 0 for r in rows)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    print(f"tiny_demo LoRA losses: first {first:.3f}, last {last:.3f}")
+    assert last < 0.85 * first, f"loss did not fall: first {first:.3f}, last {last:.3f}"
+
+
+def test_outputs_are_merged_checkpoint_and_peft_adapter_with_the_same_logits(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    params, step_dir = trained
+    base_dir = Path(params.output_dir) / "base_model"
+    adapter_dir = step_dir / "adapter"
+    assert step_dir == Path(params.output_dir) / f"step_{STEPS}"
+    assert (step_dir / "model.safetensors").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir.resolve()) and config["r"] == 8
+    assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                        "lm_head"]
+
+    # The base stayed frozen: untargeted tensors are bit-identical to the saved random start, targeted ones moved.
+    base, merged = load_file(base_dir / "model.safetensors"), load_file(step_dir / "model.safetensors")
+    assert set(base) == set(merged)
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+    assert torch.equal(base["model.layers.3.post_attention_layernorm.weight"],
+                       merged["model.layers.3.post_attention_layernorm.weight"])
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(step_dir)("Reverse the words: one two three").input_ids])
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(step_dir, dtype=torch.float32).eval()(ids).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                               adapter_dir).eval()
+        peft_logits = peft_model(ids).logits
+        ours = load_peft_adapter(load_hf_model(base_dir), adapter_dir).eval()(ids)
+    print(f"merged vs peft adapter: {(merged_logits - peft_logits).abs().max():.2e}, "
+          f"mytune adapter vs peft adapter: {(ours - peft_logits).abs().max():.2e}")
+    assert (merged_logits - peft_logits).abs().max() < 1e-4
+    assert (ours - peft_logits).abs().max() < 1e-5
+
+
+def test_dora_qlora_runs_and_saves_both(tmp_path):
+    params = demo_params(tmp_path, "max_steps_per_epoch=2", "epochs=1", "use_dora=true", "quantize_base=true",
+                         "dtype=bf16", "batch_size=2", "max_seq_len=64", "lora_target_modules=[linear_qkv,linear_fc2]")
+    step_dir = recipe.recipe_main(params)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(step_dir / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector" in adapter
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert len(adapter) == 3 * 4 * 4  # (A, B, magnitude) x 4 layers x (q, k, v, down)
+    merged = load_hf_model(step_dir, dtype=torch.bfloat16)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_unknown_target_is_a_one_line_config_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo_params(tmp_path, "lora_target_modules=[q_proj,mlp_proj]")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown module name 'mlp_proj'" in err[0] and "known: q_proj" in err[0], err
