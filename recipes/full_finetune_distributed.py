@@ -5,28 +5,39 @@
 
 The same recipe as `full_finetune_single_device`, adapted to FSDP2 (the duplication is on purpose: read or copy one
 file). Differences: every rank builds the model on the meta device and `fully_shard`s each decoder layer and the root;
-rank 0 reads the checkpoint and the weights are broadcast shard by shard; a `DistributedSampler` gives each rank its
-part of every global batch; the loss of a step is normalised by the label tokens of the whole global batch, so the
-gradient equals the single-device gradient of that batch; only rank 0 logs and writes the checkpoint.
+rank 0 reads the checkpoint and the weights are broadcast shard by shard; rank 0 tokenizes the data (into the on-disk
+cache) before the other ranks load it; a `ResumableSampler` gives each rank its part of every global batch; the loss
+of a step is normalised by the label tokens of the whole global batch, so the gradient equals the single-device
+gradient of that batch; the validation loss is summed over all ranks; only rank 0 logs and writes the checkpoint.
 """
 
+import json
+import math
+import re
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint
 from mytune.config import TuneArgumentParser, find_missing_paths
-from mytune.data import InstructDataset, load_rows, padded_collate
+from mytune.data import (
+    ResumableDataLoader,
+    ResumableSampler,
+    build_sft_dataset,
+    default_cache_dir,
+    padded_collate,
+    split_validation,
+)
 from mytune.errors import MytuneError, run_or_exit
 from mytune.models import ModelArgs, TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
 from mytune.training.device import set_seed
-from mytune.training.loss import count_label_tokens, cross_entropy_sum
+from mytune.training.loss import IGNORE_INDEX, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.metrics import JsonlMetricLogger
 from recipes.params.full_finetune_distributed import FullFinetuneDistributedParams
@@ -45,14 +56,13 @@ class FullFinetuneRecipeDistributed:
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and the data order
 
     def load_checkpoint(self) -> None:
-        """Tokenizer on every rank; the model sharded over the ranks, its weights read by rank 0 only.
+        """The model sharded over the ranks, its weights read by rank 0 only (the tokenizer is loaded by `setup`).
 
         From `checkpoint_dir`, or a seeded random `model`. Rank 0 holds the full float32 state dict on the CPU;
         the other ranks only learn the shapes (config.json / the builder). Weights stay float32 with dtype=bf16 too:
         the FSDP mixed-precision policy casts them for compute.
         """
         p = self.params
-        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
         full_state_dict = None
         if p.checkpoint_dir:
             args = ModelArgs.from_hf_config(read_hf_config(p.checkpoint_dir))
@@ -78,35 +88,20 @@ class FullFinetuneRecipeDistributed:
 
     def setup(self) -> None:
         p = self.params
+        # Tokenizer and data before the model: a bad dataset row fails in seconds, not after the weights are read.
+        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
+        self.setup_data()
         self.load_checkpoint()
         self.model.train()
 
-        dataset = InstructDataset(
-            load_rows(p.dataset_path),
-            self.tokenizer,
-            max_seq_len=p.max_seq_len,
-            train_on_input=p.train_on_input,
-            source=p.dataset_path,
-        )
-        # Rank r takes samples r, r + world, r + 2 * world, ... (of the epoch's seeded order when shuffling).
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=p.shuffle, seed=p.seed, drop_last=True
-        )
-        self.dataloader = DataLoader(
-            dataset,
-            batch_size=p.batch_size,
-            sampler=self.sampler,
-            collate_fn=partial(padded_collate, pad_id=self.tokenizer.pad_id),
-            drop_last=True,
-        )
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, p.max_steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise MytuneError(
-                f"dataset_path has {len(dataset)} samples, fewer than one optimizer step needs "
-                f"(batch_size * gradient_accumulation_steps * world size = "
-                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
+                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -122,16 +117,85 @@ class FullFinetuneRecipeDistributed:
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
             print(
                 f"full_finetune_distributed: {n_params / 1e6:.1f}M params sharded over {self.dist.world_size} "
-                f"process(es) on {self.device.type} in {p.dtype}, {len(dataset)} samples, {self.total_steps} steps",
+                f"process(es) on {self.device.type} in {p.dtype}, {self.total_steps} steps of "
+                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"{'packed rows' if p.packed else 'samples'}",
                 flush=True,
             )
+
+    def setup_data(self) -> None:
+        """Tokenized datasets, a validation split, and loaders that give each rank its own shard.
+
+        Rank 0 tokenizes first and writes the on-disk cache; the other ranks then load it from there instead of
+        tokenizing again (with dataset_cache_dir=off they tokenize after rank 0). A bad row is reported once, by rank 0.
+        Items are samples, or packed rows of several samples when `packed`; batches hold `tokens` and `labels` (and
+        `position_ids` / `document_ids` when packed). The sampler's state (epoch, samples consumed by all ranks) is
+        what a checkpoint needs to resume the data where it stopped: `self.dataloader.state_dict()`.
+        """
+        p = self.params
+        cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        build = partial(
+            build_sft_dataset,
+            tokenizer=self.tokenizer,
+            max_seq_len=p.max_seq_len,
+            dataset_format=None if p.dataset_format == "auto" else p.dataset_format,
+            column_map=p.column_map,
+            chat_template=p.chat_template or None,
+            train_on_input=p.train_on_input,
+            truncation=p.truncation,
+            packed=p.packed,
+            skip_bad_rows=p.skip_bad_rows,
+            cache_dir=cache_dir,
+        )
+
+        def build_all():
+            return build(p.dataset_path), (build(p.dataset_val) if p.dataset_val else None)
+
+        error = None
+        if self.is_rank_zero:
+            try:
+                dataset, val_dataset = build_all()
+            except MytuneError as err:
+                error = err
+        (failed,) = distributed.all_reduce_sum([float(error is not None)], self.device)  # the barrier: rank 0 is done
+        if error is not None:
+            raise error
+        if failed:  # rank 0 reports the error (one line for the whole job) and exits; torchrun then stops this rank
+            time.sleep(30)  # rather than exit first: torchrun would then report this rank and not rank 0's error
+            raise SystemExit(2)
+        if not self.is_rank_zero:
+            dataset, val_dataset = build_all()  # from the cache rank 0 wrote
+        if self.is_rank_zero:
+            report_dataset("dataset_path", dataset)
+            if val_dataset is not None:
+                report_dataset("dataset_val", val_dataset)
+        if val_dataset is None and p.val_fraction > 0:
+            dataset, val_dataset = split_validation(dataset, p.val_fraction, seed=p.seed)  # the same split on all ranks
+            if self.is_rank_zero:
+                print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
+                      f"training: {dataset.num_samples}", flush=True)
+
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
+        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
+        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+                                   seed=p.seed)
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate)
+        self.val_dataloader = None
+        if val_dataset is not None:
+            # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
+            # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
+            # leaves the repeated samples out of the loss.
+            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+                                           shuffle=False, drop_last=False)
+            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
+                                             collate_fn=collate)
 
     def train(self) -> None:
         p = self.params
         world_size = self.dist.world_size
         progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True, disable=not self.is_rank_zero)
         for epoch in range(p.epochs):
-            self.sampler.set_epoch(epoch)
+            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
             batches = iter(self.dataloader)
             for _ in range(self.steps_per_epoch):
                 step_start = time.perf_counter()
@@ -144,10 +208,9 @@ class FullFinetuneRecipeDistributed:
                 )
                 local_loss = 0.0
                 for batch in micro_batches:
-                    tokens = batch["tokens"].to(self.device)
-                    labels = batch["labels"].to(self.device)
-                    logits = self.model(tokens)
-                    loss = cross_entropy_sum(logits, labels) / max(num_label_tokens, 1)
+                    batch = {key: value.to(self.device) for key, value in batch.items()}
+                    logits = self.forward(batch)
+                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
                     # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
                     # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
                     (loss * world_size).backward()
@@ -172,30 +235,71 @@ class FullFinetuneRecipeDistributed:
                 tokens_per_s = num_input_tokens / seconds  # all ranks' tokens: the job's throughput
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                if self.is_rank_zero and (
-                    self.global_step % p.log_every_n_steps == 0 or self.global_step == self.total_steps
-                ):
-                    self.metric_logger.log(
-                        {
-                            "step": self.global_step,
-                            "epoch": epoch,
-                            "loss": step_loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_s,
-                            "num_tokens": int(num_input_tokens),
-                        }
-                    )
+                last_step = self.global_step == self.total_steps
+                evaluate = self.val_dataloader is not None and (
+                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                )
+                metrics = {
+                    "step": self.global_step,
+                    "epoch": epoch,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "num_tokens": int(num_input_tokens),
+                }
+                if evaluate:  # on every rank: the sharded forwards are collectives
+                    metrics.update(self.evaluate())
+                    if self.is_rank_zero:
+                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
+                if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
+                    self.metric_logger.log(metrics)
         progress.close()
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
+        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
+                          document_ids=batch.get("document_ids"))
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
+
+        Each rank sums the loss of its shard; the sums and label-token counts are added over all ranks.
+        """
+        p = self.params
+        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        self.model.eval()
+        loss_sum, num_label_tokens = 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.val_dataloader):
+                if p.max_eval_batches is not None and index >= p.max_eval_batches:
+                    break
+                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
+                # its end are the wrap-around repeats: no loss on them.
+                first = index * p.batch_size
+                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                batch["labels"][positions >= num_items] = IGNORE_INDEX
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                num_label_tokens += count_label_tokens(batch["labels"])
+        self.model.train()
+        loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
+        val_loss = loss_sum / max(num_label_tokens, 1)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
+                "val_tokens": int(num_label_tokens)}
+
     def save_checkpoint(self) -> Path:
-        """Hugging Face layout in `output_dir/step_<N>`: every rank gathers, rank 0 writes (atomically)."""
+        """Hugging Face layout in `output_dir/step_<N>`: every rank gathers, rank 0 writes (atomically), plus
+        recipe_state.json: the step and the data loader's position (epoch, samples consumed by all ranks)."""
         out_dir = self.output_dir / f"step_{self.global_step}"
         full_model = distributed.gather_full_model(self.model)
         if self.is_rank_zero:
             dtype = torch.bfloat16 if self.params.dtype == "bf16" else torch.float32
             save_hf_checkpoint(full_model, out_dir, dtype=dtype)
             write_tokenizer_files(self.tokenizer, out_dir)
+            state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
+            (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
             print(f"saved checkpoint to {out_dir}", flush=True)
         del full_model
         distributed.barrier()  # no rank returns before the checkpoint exists
@@ -207,15 +311,33 @@ class FullFinetuneRecipeDistributed:
         distributed.destroy_distributed()
 
 
+def report_dataset(field: str, dataset) -> None:
+    """One line of counts (samples, tokens, truncated, dropped, bad rows skipped, cache), and the first skipped rows."""
+    print(f"{field}: {dataset.summary()}", flush=True)
+    for message in dataset.stats.get("skipped_examples", []):
+        print(f"  skipped {message}", flush=True)
+
+
+def is_hub_dataset(value: str) -> bool:
+    """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
+    local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
+
+
 def recipe_main(params: FullFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved checkpoint."""
-    missing = find_missing_paths(params)
+    hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
+    missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
     if missing:
         raise MytuneError(missing[0])
     recipe = FullFinetuneRecipeDistributed(params)
-    recipe.setup()
-    recipe.train()
-    out_dir = recipe.save_checkpoint()
+    try:
+        recipe.setup()
+        recipe.train()
+        out_dir = recipe.save_checkpoint()
+    except MytuneError:
+        distributed.destroy_distributed()  # leave the group before exiting: a live gloo group can abort the exit
+        raise
     recipe.cleanup()
     return out_dir
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as RustTokenizer
 
 from mytune.errors import MytuneError
-from mytune.tokenizers.base import read_special_tokens, sibling_config_files, with_special
+from mytune.tokenizers.base import read_chat_template, read_special_tokens, sibling_config_files, with_special
 
 # Tried in order when no tokenizer_config.json names the eos token.
 _EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|im_end|>")
@@ -14,7 +14,8 @@ _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 
 
 class HFTokenizer:
-    """Wraps `tokenizers.Tokenizer`; bos/eos/pad from tokenizer_config.json / special_tokens_map.json beside the file.
+    """Wraps `tokenizers.Tokenizer`; bos/eos/pad and the chat template from tokenizer_config.json /
+    special_tokens_map.json (/ chat_template.jinja) beside the file.
 
     `encode` never lets the file's post-processor add special tokens: bos/eos are added only on request, so the
     result matches `transformers` with `add_special_tokens=False` plus the requested ids.
@@ -37,6 +38,9 @@ class HFTokenizer:
             raise MytuneError(f"{self.path}: cannot tell the eos token; add a tokenizer_config.json naming eos_token")
         pad = special.get("pad_token")
         self.pad_id = self._token_id(pad, "pad_token") if pad else self.eos_id
+        self.bos_token = self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self.tokenizer.id_to_token(self.eos_id)
+        self.chat_template = read_chat_template(self.path.parent)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.files = [self.path, *sibling_config_files(self.path)]
 

@@ -6,14 +6,14 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mytune.errors import MytuneError
-from mytune.tokenizers.base import read_special_tokens, sibling_config_files, with_special
+from mytune.tokenizers.base import read_chat_template, read_special_tokens, sibling_config_files, with_special
 
 
 class SentencePieceTokenizer:
     """Wraps `sentencepiece.SentencePieceProcessor`; ids are exactly the library's.
 
     bos/eos/pad come from the model itself, overridden by a tokenizer_config.json beside the file when it names
-    tokens that exist in the vocabulary.
+    tokens that exist in the vocabulary; `chat_template` comes from that file too (None when it has none).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -32,6 +32,9 @@ class SentencePieceTokenizer:
         self.eos_id = eos_id
         pad_id = self._special_id(special.get("pad_token"), self.processor.pad_id())
         self.pad_id = pad_id if pad_id is not None else self.eos_id
+        self.bos_token = self.processor.id_to_piece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token = self.processor.id_to_piece(self.eos_id)
+        self.chat_template = read_chat_template(self.path.parent)
         self.vocab_size = self.processor.vocab_size()
         self.files = [self.path, *sibling_config_files(self.path)]
 

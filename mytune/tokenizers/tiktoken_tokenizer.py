@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mytune.errors import MytuneError
-from mytune.tokenizers.base import with_special
+from mytune.tokenizers.base import read_chat_template, with_special
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -39,7 +39,9 @@ def looks_like_tiktoken_file(path: Path) -> bool:
 class TikTokenTokenizer:
     """Llama 3 over `tiktoken`: bos `<|begin_of_text|>`, eos `<|end_of_text|>`, pad `<|finetune_right_pad_id|>`.
 
-    Special-token strings inside text are encoded as ordinary text (never as control ids).
+    Special-token strings inside text are encoded as ordinary text (never as control ids); the data pipeline splits
+    the ones a chat template writes out itself (`special_tokens`). `chat_template` comes from a tokenizer_config.json
+    beside the file, when there is one (the original Meta download has none).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -57,6 +59,8 @@ class TikTokenTokenizer:
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+        self.chat_template = read_chat_template(self.path.parent)
         self.stop_ids = [self.eos_id, self.special_tokens["<|eom_id|>"], self.special_tokens["<|eot_id|>"]]
         self.vocab_size = self.encoding.n_vocab
         self.files = [self.path]

@@ -1,6 +1,8 @@
-"""FSDP2 recipe end to end: 2 CPU processes (gloo) match the single-device recipe on the same global batch, and rank 0
-writes a checkpoint that transformers loads."""
+"""FSDP2 recipe end to end: 2 CPU processes (gloo) match the single-device recipe on the same global batch (training
+and validation loss), and rank 0 writes a checkpoint that transformers loads."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -22,22 +24,29 @@ from recipes.params.full_finetune_single_device import FullFinetuneParams
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 # Same data (unshuffled), seed and hyper-parameters; the distributed run has half the per-process batch on 2 ranks.
+# 101 validation samples (an odd number: rank 1's last one is a wrap-around repeat that must not count), evaluated
+# after steps 2 and 4.
 COMMON = ["shuffle=false", "dtype=fp32", "epochs=1", f"max_steps_per_epoch={STEPS}", "log_every_n_steps=1",
-          "gradient_accumulation_steps=2", "warmup_steps=1"]
+          "gradient_accumulation_steps=2", "warmup_steps=1", "val_fraction=0.0505", "eval_every_n_steps=2"]
 
 
-def torchrun_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def torchrun_env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MYTUNE_DATA_CACHE": str(cache)}
+
+
+def two_ranks(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", "full_finetune_distributed",
+         "--config", "tiny_demo", "--override", f"output_dir={out}", *overrides],
+        capture_output=True, text=True, env=torchrun_env(out.parent / f"{out.name}-cache"), cwd=out.parent,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    result = subprocess.run(
-        [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", "full_finetune_distributed",
-         "--config", "tiny_demo", "--override", f"output_dir={out}", "batch_size=2", *COMMON],
-        capture_output=True, text=True, env=torchrun_env(), cwd=out, timeout=300,
-    )
+    result = two_ranks(out, "batch_size=2", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -47,7 +56,8 @@ def test_two_ranks_match_single_device_on_the_same_global_batch(two_rank_run, tm
     out, _ = two_rank_run
     parser = TuneArgumentParser(FullFinetuneParams, recipe="full_finetune_single_device")
     params = parser.parse_params(
-        ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "batch_size=4", *COMMON]
+        ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "batch_size=4",
+         f"dataset_cache_dir={tmp_path / 'cache'}", *COMMON]
     )
     single_recipe.recipe_main(params)
 
@@ -60,6 +70,12 @@ def test_two_ranks_match_single_device_on_the_same_global_batch(two_rank_run, tm
     assert loss_diff < 1e-5, (loss_diff, sharded, single)
     assert norm_diff < 1e-4, norm_diff
     assert sharded[-1]["loss"] < sharded[0]["loss"]  # it trains (and the later steps still agree)
+    # Validation: each rank evaluates its shard, the sums are all-reduced; the repeat on rank 1 is left out.
+    assert [r["step"] for r in sharded if "val_loss" in r] == [r["step"] for r in single if "val_loss" in r] == [2, 4]
+    for a, b in zip(sharded, single):
+        if "val_loss" in a:
+            assert a["val_tokens"] == b["val_tokens"]
+            assert abs(a["val_loss"] - b["val_loss"]) < 1e-5, (a, b)
 
 
 @pytest.mark.slow
@@ -71,6 +87,9 @@ def test_rank_zero_writes_one_checkpoint_that_transformers_loads(two_rank_run):
     out, result = two_rank_run
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.jsonl", f"step_{STEPS}"]
     assert result.stdout.count("saved checkpoint to") == 1  # rank 0 only logs
+    assert result.stdout.count("dataset_path: 2000 samples") == 1 and result.stdout.count("val_loss") == 2
+    state = json.loads((out / f"step_{STEPS}" / "recipe_state.json").read_text())
+    assert state["dataloader"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
     ckpt = out / f"step_{STEPS}"
     hf_model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     ours = load_hf_model(ckpt, dtype=torch.float32).eval()
@@ -83,7 +102,8 @@ def test_bf16_keeps_fp32_sharded_params_and_runs_as_a_world_of_one(tmp_path):
     """Without torchrun the recipe is a 1-process group; bf16 means fp32 master params and bf16 compute."""
     parser = TuneArgumentParser(FullFinetuneDistributedParams, recipe="full_finetune_distributed")
     params = parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "dtype=bf16",
-                                  "max_steps_per_epoch=2", "epochs=1", "log_every_n_steps=1"])
+                                  "max_steps_per_epoch=2", "epochs=1", "log_every_n_steps=1",
+                                  f"dataset_cache_dir={tmp_path / 'cache'}"])
     recipe = dist_recipe.FullFinetuneRecipeDistributed(params)
     try:
         recipe.setup()
@@ -109,3 +129,37 @@ def test_params_refuse_what_fsdp_cannot_do():
         FullFinetuneDistributedParams(**base, device="mps")
     with pytest.raises(ConfigError, match="cpu_offload=true needs a GPU run"):
         FullFinetuneDistributedParams(**base, device="cpu", cpu_offload=True)
+
+
+def test_packed_rows_train_and_validate_as_a_world_of_one(tmp_path):
+    parser = TuneArgumentParser(FullFinetuneDistributedParams, recipe="full_finetune_distributed")
+    params = parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "dtype=fp32",
+                                  "packed=true", "batch_size=2", "max_steps_per_epoch=3", "epochs=1",
+                                  "log_every_n_steps=1", "max_eval_batches=2", f"dataset_cache_dir={tmp_path / 'c'}"])
+    recipe = dist_recipe.FullFinetuneRecipeDistributed(params)
+    try:
+        recipe.setup()
+        batch = next(iter(recipe.dataloader))
+        assert {"position_ids", "document_ids"} <= set(batch) and int(batch["document_ids"].max()) > 0
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        destroy_distributed()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert "val_loss" in rows[-1] and math.isfinite(rows[-1]["val_perplexity"])
+
+
+@pytest.mark.slow
+def test_a_bad_row_stops_every_rank_with_one_error_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    lines = (REPO / "mytune" / "assets" / "demo" / "alpaca_demo.jsonl").read_text().splitlines()[:20]
+    lines[6] = json.dumps({"instruction": "no output"})
+    data.write_text("\n".join(lines) + "\n")
+    result = two_ranks(tmp_path / "out", f"dataset_path={data}")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors[0] == (f"full_finetune_distributed: error: {data} line 7: missing column 'output' (columns present: "
+                         "instruction); each row needs string columns instruction, input, output (the input is "
+                         "optional) (set skip_bad_rows=true to skip bad rows and count them)"), result.stderr
+    assert errors[1:] == ["mytune: error: full_finetune_distributed failed on rank 0 with exit code 2"], result.stderr

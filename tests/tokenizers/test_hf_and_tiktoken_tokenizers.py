@@ -120,3 +120,11 @@ def test_tiktoken_treats_special_token_text_as_text(tiktoken_file):
     ids = tokenizer.encode("<|begin_of_text|>", add_bos=False)
     assert tokenizer.bos_id not in ids and tokenizer.decode(ids) == "<|begin_of_text|>"
     assert tokenizer.decode([tokenizer.bos_id, *ids], skip_special_tokens=False).startswith("<|begin_of_text|><|")
+
+
+def test_tiktoken_special_token_strings(tiktoken_file):
+    """The strings chat templates write for bos/eos; no template without a tokenizer_config.json beside the file."""
+    tokenizer = load_tokenizer(tiktoken_file[0])
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert tokenizer.special_tokens[tokenizer.bos_token] == tokenizer.bos_id
+    assert tokenizer.chat_template is None
