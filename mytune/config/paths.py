@@ -6,18 +6,33 @@ from pathlib import Path
 from mytune.config.docs import field_docs
 
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
+
+
+def looks_like_hub_dataset(value: str) -> bool:
+    """`owner/name` (or `name`) that is no local path and no data file name: a Hugging Face hub dataset."""
+    if Path(value).exists() or Path(value).suffix in DATA_FILE_SUFFIXES or value.startswith(("/", ".", "~")):
+        return False
+    parts = value.split("/")
+    return len(parts) <= 2 and all(part.strip() for part in parts) and "\\" not in value
+
+
 def find_missing_paths(params: object) -> list[str]:
     """One message per field in `type(params).INPUT_PATHS` that is set (non-empty) but names no existing path.
 
     The message names the field, the value and what the field expects (its doc comment), e.g.
     "checkpoint_dir: /x/y does not exist (set checkpoint_dir=... to a Hugging Face model directory ...)".
+    Fields in `HUB_DATASET_FIELDS` may instead name a hub dataset (`owner/name`), which is not a missing path.
     """
     params_cls = type(params)
+    hub_fields = getattr(params_cls, "HUB_DATASET_FIELDS", ())
     missing = []
     docs: dict[str, str] | None = None
     for name in getattr(params_cls, "INPUT_PATHS", ()):
         value = getattr(params, name, None)
         if not isinstance(value, (str, os.PathLike)) or not str(value) or Path(value).exists():
+            continue
+        if name in hub_fields and looks_like_hub_dataset(str(value)):
             continue
         if docs is None:
             docs = field_docs(params_cls)

@@ -285,3 +285,22 @@ def test_import_mytune_is_light():
     code = "import sys, mytune; assert mytune.TuneArgumentParser and mytune.__version__; " \
            "heavy = {'torch', 'transformers', 'omegaconf'} & set(sys.modules); assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(REPO)})
+
+
+def test_hub_dataset_names_are_not_missing_paths(tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mytune.config import find_missing_paths
+
+    @dataclass
+    class HubParams:
+        INPUT_PATHS: ClassVar[tuple[str, ...]] = ("dataset_path", "checkpoint_dir")
+        HUB_DATASET_FIELDS: ClassVar[tuple[str, ...]] = ("dataset_path",)
+        dataset_path: str = ""
+        checkpoint_dir: str = ""
+
+    assert find_missing_paths(HubParams(dataset_path="tatsu-lab/alpaca")) == []
+    missing = find_missing_paths(HubParams(dataset_path=str(tmp_path / "data.jsonl"), checkpoint_dir="org/model"))
+    assert [m.split(":")[0] for m in missing] == ["dataset_path", "checkpoint_dir"]
+    assert find_missing_paths(HubParams(dataset_path="./local/data.jsonl")) != []
