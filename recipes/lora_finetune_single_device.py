@@ -4,8 +4,10 @@
     mytune lora_finetune_single_device --config llama3_1_8b --override checkpoint_dir=/models/Meta-Llama-3.1-8B-Instruct
     mytune lora_finetune_single_device --config llama3_1_8b_qlora --override checkpoint_dir=/models/Meta-Llama-3.1-8B-Instruct
 
-The same recipe as `full_finetune_single_device` (the duplication is on purpose: read or copy one file), except that
-the base model is frozen and `apply_lora` puts trainable adapters on the `lora_target_modules`: only they reach AdamW.
+The same recipe as `full_finetune_single_device` (the duplication is on purpose: read or copy one file): the same data
+(instruct, chat or text rows; packing; cached on disk), validation loss every `eval_every_n_steps` and resumable
+loader, except that the base model is frozen and `apply_lora` puts trainable adapters on the `lora_target_modules`:
+only they reach AdamW.
 `use_dora` makes them DoRA adapters; `quantize_base` stores the targeted base weights in NF4 (QLoRA).
 
 Each checkpoint is written twice, in one step directory:
@@ -15,7 +17,10 @@ A random start (`model=...`, the demo) has no base checkpoint on disk, so the re
 `output_dir/base_model/` and the adapter's `base_model_name_or_path` points there.
 """
 
+import json
+import math
 import os
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -26,7 +31,14 @@ from tqdm import tqdm
 
 from mytune.checkpoint import load_hf_model, save_hf_checkpoint, save_peft_adapter
 from mytune.config import TuneArgumentParser, find_missing_paths
-from mytune.data import InstructDataset, load_rows, padded_collate
+from mytune.data import (
+    ResumableDataLoader,
+    ResumableSampler,
+    build_sft_dataset,
+    default_cache_dir,
+    padded_collate,
+    split_validation,
+)
 from mytune.errors import MytuneError, run_or_exit
 from mytune.models import TransformerDecoder, model_args
 from mytune.modules.lora import apply_lora, merge_lora, trainable_parameters
@@ -49,12 +61,12 @@ class LoRAFinetuneRecipeSingleDevice:
         self.dtype = DTYPES[params.dtype]
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
-        self.data_generator = set_seed(params.seed)
+        set_seed(params.seed)
 
     def load_checkpoint(self) -> None:
-        """Tokenizer and frozen base model as in the full recipe, then the adapters (seeded by set_seed above)."""
+        """Frozen base model as in the full recipe (the tokenizer is loaded by `setup`), then the adapters (seeded by
+        set_seed above)."""
         p = self.params
-        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
         if p.checkpoint_dir:
             # QLoRA reads the checkpoint into host memory: apply_lora below quantizes one layer at a time on the
             # device, so the full-precision model never has to fit there.
@@ -85,30 +97,19 @@ class LoRAFinetuneRecipeSingleDevice:
 
     def setup(self) -> None:
         p = self.params
+        # Tokenizer and data before the model: a bad dataset row fails in seconds, not after the weights are read.
+        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
+        self.setup_data()
         self.load_checkpoint()
         self.model.train()
 
-        dataset = InstructDataset(
-            load_rows(p.dataset_path),
-            self.tokenizer,
-            max_seq_len=p.max_seq_len,
-            train_on_input=p.train_on_input,
-            source=p.dataset_path,
-        )
-        self.dataloader = DataLoader(
-            dataset,
-            batch_size=p.batch_size,
-            shuffle=p.shuffle,
-            generator=self.data_generator,
-            collate_fn=partial(padded_collate, pad_id=self.tokenizer.pad_id),
-            drop_last=True,
-        )
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, p.max_steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise MytuneError(
-                f"dataset_path has {len(dataset)} samples, fewer than one optimizer step needs "
+                f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
+                f"training, fewer than one optimizer step needs "
                 f"(batch_size * gradient_accumulation_steps = {p.batch_size * p.gradient_accumulation_steps})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
@@ -128,15 +129,58 @@ class LoRAFinetuneRecipeSingleDevice:
         print(
             f"lora_finetune_single_device: {kind} rank {p.lora_rank} on {', '.join(p.lora_target_modules)}: "
             f"{n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M params on {self.device} in {p.dtype}, "
-            f"{len(dataset)} samples, {self.total_steps} steps",
+            f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps} "
+            f"{'packed rows' if p.packed else 'samples'}",
             flush=True,
         )
+
+    def setup_data(self) -> None:
+        """Tokenized datasets (read from the cache when this data was tokenized before), a validation split, loaders.
+
+        Items are samples, or packed rows of several samples when `packed`; batches hold `tokens` and `labels`
+        (and `position_ids` / `document_ids` when packed). The sampler's state (epoch, samples consumed) is what a
+        checkpoint needs to resume the data where it stopped: `self.dataloader.state_dict()`.
+        """
+        p = self.params
+        cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        build = partial(
+            build_sft_dataset,
+            tokenizer=self.tokenizer,
+            max_seq_len=p.max_seq_len,
+            dataset_format=None if p.dataset_format == "auto" else p.dataset_format,
+            column_map=p.column_map,
+            chat_template=p.chat_template or None,
+            train_on_input=p.train_on_input,
+            truncation=p.truncation,
+            packed=p.packed,
+            skip_bad_rows=p.skip_bad_rows,
+            cache_dir=cache_dir,
+        )
+        dataset = build(p.dataset_path)
+        report_dataset("dataset_path", dataset)
+        val_dataset = None
+        if p.dataset_val:
+            val_dataset = build(p.dataset_val)
+            report_dataset("dataset_val", val_dataset)
+        elif p.val_fraction > 0:
+            dataset, val_dataset = split_validation(dataset, p.val_fraction, seed=p.seed)
+            print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
+                  f"training: {dataset.num_samples}", flush=True)
+
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
+        sampler = ResumableSampler(dataset, rank=0, world_size=1, shuffle=p.shuffle, seed=p.seed)
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate)
+        self.val_dataloader = None
+        if val_dataset is not None:
+            # A plain DataLoader in a fixed order: every validation starts at the first batch; all of it is used.
+            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate)
 
     def train(self) -> None:
         p = self.params
         progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True)
         tokens_since_log, seconds_since_log = 0, 0.0
         for epoch in range(p.epochs):
+            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
             batches = iter(self.dataloader)
             for _ in range(self.steps_per_epoch):
                 step_start = time.perf_counter()
@@ -146,13 +190,12 @@ class LoRAFinetuneRecipeSingleDevice:
                 num_input_tokens = 0
                 step_loss = 0.0
                 for batch in micro_batches:
-                    tokens = batch["tokens"].to(self.device)
-                    labels = batch["labels"].to(self.device)
-                    logits = self.model(tokens)
-                    loss = cross_entropy_sum(logits, labels) / max(num_label_tokens, 1)
+                    batch = {key: value.to(self.device) for key, value in batch.items()}
+                    logits = self.forward(batch)
+                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
                     loss.backward()
                     step_loss += loss.item()
-                    num_input_tokens += int((tokens != self.tokenizer.pad_id).sum())
+                    num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
                 if not torch.isfinite(torch.tensor(step_loss)):
                     raise MytuneError(
                         f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
@@ -172,23 +215,53 @@ class LoRAFinetuneRecipeSingleDevice:
                 seconds_since_log += seconds
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{num_input_tokens / seconds:.0f}")
-                if self.global_step % p.log_every_n_steps == 0 or self.global_step == self.total_steps:
-                    self.metric_logger.log(
-                        {
-                            "step": self.global_step,
-                            "epoch": epoch,
-                            "loss": step_loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_since_log / seconds_since_log,
-                            "num_tokens": tokens_since_log,
-                        }
-                    )
+                last_step = self.global_step == self.total_steps
+                evaluate = self.val_dataloader is not None and (
+                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                )
+                if self.global_step % p.log_every_n_steps == 0 or last_step or evaluate:
+                    metrics = {
+                        "step": self.global_step,
+                        "epoch": epoch,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_since_log / seconds_since_log,
+                        "num_tokens": tokens_since_log,
+                    }
+                    if evaluate:  # not timed in tokens_per_s: that counts training steps only
+                        metrics.update(self.evaluate())
+                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
+                    self.metric_logger.log(metrics)
                     tokens_since_log, seconds_since_log = 0, 0.0
         progress.close()
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
+        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
+                          document_ids=batch.get("document_ids"))
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss over the validation set (its first `max_eval_batches` batches) and its perplexity."""
+        p = self.params
+        self.model.eval()
+        loss_sum, num_label_tokens = 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.val_dataloader):
+                if p.max_eval_batches is not None and index >= p.max_eval_batches:
+                    break
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                num_label_tokens += count_label_tokens(batch["labels"])
+        self.model.train()
+        val_loss = loss_sum / max(num_label_tokens, 1)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
+                "val_tokens": num_label_tokens}
+
     def save_checkpoint(self) -> Path:
-        """`output_dir/step_<N>`: the merged Hugging Face checkpoint, and in it `adapter/`, the PEFT adapter.
+        """`output_dir/step_<N>`: the merged Hugging Face checkpoint plus recipe_state.json (the step and the data
+        loader's position), and in it `adapter/`, the PEFT adapter.
 
         Merging leaves the training model untouched; the merged weights are built on the CPU one layer at a time,
         so saving needs no second copy of the targeted weights on the accelerator. Both directories appear atomically.
@@ -203,6 +276,8 @@ class LoRAFinetuneRecipeSingleDevice:
             targets=p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
             use_dora=p.use_dora,
         )
+        state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
+        (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         print(f"saved merged checkpoint to {out_dir} and the PEFT adapter to {out_dir / ADAPTER_DIR_NAME}", flush=True)
         return out_dir
 
@@ -210,11 +285,26 @@ class LoRAFinetuneRecipeSingleDevice:
         self.metric_logger.close()
 
 
+def report_dataset(field: str, dataset) -> None:
+    """One line of counts (samples, tokens, truncated, dropped, bad rows skipped, cache), and the first skipped rows."""
+    print(f"{field}: {dataset.summary()}", flush=True)
+    for message in dataset.stats.get("skipped_examples", []):
+        print(f"  skipped {message}", flush=True)
+
+
+def is_hub_dataset(value: str) -> bool:
+    """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
+    local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
+
+
 def recipe_main(params: LoRAFinetuneParams) -> Path:
     """Run the whole recipe; returns the directory of the saved (merged) checkpoint, the adapter in its `adapter/`."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise MytuneError("lora_finetune_single_device runs on one device; start it without torchrun")
-    missing = find_missing_paths(params)
+        raise MytuneError("lora_finetune_single_device runs on one device; use lora_finetune_distributed under "
+                          "torchrun")
+    hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
+    missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
     if missing:
         raise MytuneError(missing[0])
     recipe = LoRAFinetuneRecipeSingleDevice(params)

@@ -9,13 +9,18 @@ from typing import ClassVar, Literal
 
 from mytune.errors import ConfigError, MytuneError
 
+DATASET_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "text")  # keys of column_map
+CHAT_TEMPLATES = ("alpaca", "llama2", "llama3", "chatml", "tokenizer")
+
 
 @dataclass
 class LoRAFinetuneParams:
     """LoRA / DoRA / QLoRA fine-tuning of a decoder LLM on one device: the base stays frozen, small adapters train."""
 
     # Fields checked for existence before any heavy work (`mytune validate` reports them as warnings).
-    INPUT_PATHS: ClassVar[tuple[str, ...]] = ("checkpoint_dir", "tokenizer_path", "dataset_path")
+    INPUT_PATHS: ClassVar[tuple[str, ...]] = ("checkpoint_dir", "tokenizer_path", "dataset_path", "dataset_val")
+    # Of those, the fields that may name a Hugging Face hub dataset (`owner/name`) instead of a local path.
+    HUB_DATASET_FIELDS: ClassVar[tuple[str, ...]] = ("dataset_path", "dataset_val")
 
     # Model and checkpoint
     checkpoint_dir: str = ""  # Hugging Face model directory (config.json + *.safetensors) to fine-tune
@@ -31,11 +36,24 @@ class LoRAFinetuneParams:
     use_dora: bool = False  # DoRA: also learn a per-output magnitude over the normalised combined weight
     quantize_base: bool = False  # QLoRA: keep the frozen base weights of the targeted layers in NF4 (torchao)
 
-    # Data
-    dataset_path: str = ""  # alpaca-style .json/.jsonl file with instruction, input and output columns
-    train_on_input: bool = False  # also train on prompt tokens (they are masked from the loss by default)
-    max_seq_len: int = 2048  # samples are truncated to this many tokens (the final eos is kept)
+    # Data (see mytune.data): formats instruct / chat / text, prompt formats, truncation, packing, tokenization cache
+    dataset_path: str = ""  # training data: a .jsonl/.json/.csv/.txt/.parquet file, a folder of them, or a hub dataset owner/name
+    dataset_format: Literal["auto", "instruct", "chat", "text"] = "auto"  # row format; auto: from the columns (instruction, messages/conversations, text)
+    column_map: dict[str, str] = field(default_factory=dict)  # our column -> the dataset's, e.g. {instruction: prompt, output: response}
+    chat_template: str = ""  # prompt format: alpaca, llama2, llama3, chatml, tokenizer or Jinja; empty = the tokenizer's, else alpaca/chatml
+    train_on_input: bool = False  # also train on prompt tokens (by default only outputs / assistant turns are trained)
+    max_seq_len: int = 2048  # tokens per sample (and per packed row); longer samples are truncated or dropped
+    truncation: Literal["truncate", "drop"] = "truncate"  # samples over max_seq_len: cut (keeping the final eos) or left out; counted
+    packed: bool = False  # pack several samples into each row of max_seq_len tokens (attention stays inside each sample)
+    skip_bad_rows: bool = False  # skip and count unusable rows instead of stopping at the first one (named by file and line)
+    dataset_cache_dir: str = ""  # tokenization cache; empty = $MYTUNE_DATA_CACHE or ~/.cache/mytune/datasets, off = no cache
     shuffle: bool = True  # reshuffle the dataset every epoch (seeded)
+
+    # Validation: val_loss and val_perplexity in metrics.jsonl
+    dataset_val: str = ""  # validation data (a file, folder or hub name like dataset_path); empty = none or val_fraction
+    val_fraction: float = 0.0  # hold out this fraction of dataset_path's samples for validation (0 = none)
+    eval_every_n_steps: int = 0  # optimizer steps between validations; the last step is always evaluated (0 = only the last)
+    max_eval_batches: int | None = None  # batches per validation (null: the whole validation set)
 
     # Optimisation
     epochs: int = 1  # passes over the dataset
@@ -58,7 +76,7 @@ class LoRAFinetuneParams:
         if not self.checkpoint_dir and not self.model:
             raise ConfigError("checkpoint_dir is empty: set checkpoint_dir=<Hugging Face model dir> (or model=<builder> for a random start)")
         if not self.dataset_path:
-            raise ConfigError("dataset_path is empty: set dataset_path=<alpaca-style .json or .jsonl file>")
+            raise ConfigError("dataset_path is empty: set dataset_path=<data file, folder or hub dataset name>")
         if not self.checkpoint_dir and not self.tokenizer_path:
             raise ConfigError("tokenizer_path is empty and there is no checkpoint_dir to take the tokenizer from: set tokenizer_path=...")
         if not self.output_dir:
@@ -92,3 +110,35 @@ class LoRAFinetuneParams:
             from mytune.training.device import check_device_available
 
             check_device_available(self.device)
+        self._check_data()
+
+    def _check_data(self) -> None:
+        if self.dataset_format not in ("auto", "instruct", "chat", "text"):
+            raise ConfigError(f"dataset_format must be auto, instruct, chat or text, got {self.dataset_format!r}")
+        for ours, theirs in self.column_map.items():
+            if ours not in DATASET_COLUMNS:
+                raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
+                                  f"({', '.join(DATASET_COLUMNS)}), values your dataset's names for them")
+            if not isinstance(theirs, str) or not theirs:
+                raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
+        is_jinja = "{{" in self.chat_template or "{%" in self.chat_template
+        if self.chat_template and self.chat_template not in CHAT_TEMPLATES and not is_jinja:
+            raise ConfigError(f"chat_template must be empty (the tokenizer's own), one of {', '.join(CHAT_TEMPLATES)} "
+                              f"or a Jinja template string, got {self.chat_template!r}")
+        if self.chat_template == "alpaca" and self.dataset_format == "chat":
+            raise ConfigError("chat_template=alpaca renders instruct rows only; for dataset_format=chat use "
+                              "llama2, llama3, chatml or tokenizer")
+        if self.truncation not in ("truncate", "drop"):
+            raise ConfigError(f"truncation must be truncate or drop, got {self.truncation!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be >= 0 and < 1, got {self.val_fraction}")
+        if self.dataset_val and self.val_fraction > 0:
+            raise ConfigError("dataset_val and val_fraction are both set: validate on dataset_val (val_fraction=0) "
+                              "or on a fraction of dataset_path (dataset_val empty)")
+        if self.eval_every_n_steps < 0:
+            raise ConfigError(f"eval_every_n_steps must be >= 0 (0: only after the last step), got {self.eval_every_n_steps}")
+        if self.eval_every_n_steps > 0 and not (self.dataset_val or self.val_fraction > 0):
+            raise ConfigError(f"eval_every_n_steps={self.eval_every_n_steps} but there is no validation data: "
+                              "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {self.max_eval_batches}")

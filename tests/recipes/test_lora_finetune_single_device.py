@@ -19,7 +19,8 @@ STEPS = 20
 
 def demo_params(tmp_path: Path, *overrides: str) -> LoRAFinetuneParams:
     parser = TuneArgumentParser(LoRAFinetuneParams, recipe="lora_finetune_single_device")
-    argv = ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "log_every_n_steps=1", *overrides]
+    argv = ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "log_every_n_steps=1",
+            f"dataset_cache_dir={tmp_path / 'cache'}", *overrides]
     return parser.parse_params(argv)
 
 

@@ -1,0 +1,418 @@
+"""LoRA and DoRA fine-tuning sharded over several processes with FSDP2 (one per GPU, or several CPU processes).
+
+    mytune --nproc_per_node 8 lora_finetune_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B
+    mytune --nproc_per_node 2 lora_finetune_distributed --config tiny_demo          # CPU, gloo
+
+`full_finetune_distributed` with the adapters of `lora_finetune_single_device` (the duplication is on purpose: read or
+copy one file). The base model is frozen and `apply_lora` puts trainable adapters on the `lora_target_modules` before
+`fully_shard`: each decoder layer's FSDP unit holds its frozen base weights and its adapters together, and only the
+adapters get gradients (reduce-scattered) and AdamW state. Rank 0 reads the checkpoint and initialises the adapters
+(seeded, as the single-device recipe does), and the weights are broadcast shard by shard. Data, loss normalisation
+(by the label tokens of the whole global batch), validation and logging are those of `full_finetune_distributed`.
+
+Each checkpoint is written twice, in one step directory, by rank 0 after every rank gathered the full weights:
+    output_dir/step_<N>/           the merged model, a Hugging Face checkpoint (base + adapter folded into the weights)
+    output_dir/step_<N>/adapter/   the adapter alone in PEFT format: `PeftModel.from_pretrained(base, that dir)`
+A random start (`model=...`, the demo) has no base checkpoint on disk, so rank 0 first saves it to
+`output_dir/base_model/` and the adapter's `base_model_name_or_path` points there.
+QLoRA (`quantize_base`) is single-device only: NF4 base weights are not sharded here.
+"""
+
+import json
+import math
+import re
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint, save_peft_adapter
+from mytune.config import TuneArgumentParser, find_missing_paths
+from mytune.data import (
+    ResumableDataLoader,
+    ResumableSampler,
+    build_sft_dataset,
+    default_cache_dir,
+    padded_collate,
+    split_validation,
+)
+from mytune.errors import MytuneError, run_or_exit
+from mytune.models import ModelArgs, TransformerDecoder, model_args
+from mytune.modules.lora import apply_lora, merge_lora, trainable_parameters
+from mytune.tokenizers import load_tokenizer, write_tokenizer_files
+from mytune.training import distributed
+from mytune.training.device import set_seed
+from mytune.training.loss import IGNORE_INDEX, count_label_tokens, cross_entropy_sum
+from mytune.training.lr_schedule import build_lr_scheduler
+from mytune.training.metrics import JsonlMetricLogger
+from recipes.params.lora_finetune_distributed import LoRAFinetuneDistributedParams
+
+ADAPTER_DIR_NAME = "adapter"
+
+
+class LoRAFinetuneRecipeDistributed:
+    """load_checkpoint -> setup -> train -> save_checkpoint -> cleanup, on every rank."""
+
+    def __init__(self, params: LoRAFinetuneDistributedParams):
+        self.params = params
+        self.dist = distributed.init_distributed(params.device)
+        self.device = self.dist.device
+        self.is_rank_zero = self.dist.is_rank_zero
+        self.output_dir = Path(params.output_dir)
+        self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
+        self.global_step = 0
+        set_seed(params.seed)  # the same seed on every rank: rank 0's random start and adapters, and the data order
+
+    def load_checkpoint(self) -> None:
+        """The frozen base with its adapters, sharded over the ranks; weights read and adapters initialised by rank 0.
+
+        From `checkpoint_dir`, or a seeded random `model` (saved to `output_dir/base_model` for the adapter to name).
+        Rank 0 builds the whole float32 LoRA model on the CPU (base, then `apply_lora`, seeded like the single-device
+        recipe) and keeps its state dict; the other ranks only learn the shapes. Every rank then builds the LoRA model
+        on the meta device, shards it and receives its shards. Weights stay float32 with dtype=bf16 too: the FSDP
+        mixed-precision policy casts them for compute.
+        """
+        p = self.params
+        full_state_dict = None
+        if p.checkpoint_dir:
+            args = ModelArgs.from_hf_config(read_hf_config(p.checkpoint_dir))
+            self.base_model_path = Path(p.checkpoint_dir).resolve()
+        else:
+            # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
+            args = model_args(p.model)
+            args.vocab_size = self.tokenizer.vocab_size
+            args.bos_token_id, args.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+            self.base_model_path = (self.output_dir / "base_model").resolve()
+        if self.tokenizer.vocab_size > args.vocab_size:
+            raise MytuneError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
+                f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
+            )
+        if self.is_rank_zero:
+            if p.checkpoint_dir:
+                cpu_model = load_hf_model(p.checkpoint_dir, device="cpu", dtype=torch.float32)
+            else:
+                cpu_model = TransformerDecoder(args)
+                save_hf_checkpoint(cpu_model, self.base_model_path, dtype=self.save_dtype,
+                                   tokenizer_files=self.tokenizer.files)
+            self.apply_lora(cpu_model)
+            full_state_dict = cpu_model.state_dict()
+            del cpu_model
+        with torch.device("meta"):
+            self.model = TransformerDecoder(args)
+        self.apply_lora(self.model)  # the same modules on the meta device (nothing allocated, no random numbers)
+        # Each decoder layer is one FSDP unit holding its frozen weights and trainable adapters: FSDP2 reduces
+        # gradients for the parameters that have them only.
+        distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload)
+        distributed.load_full_state_dict(self.model, full_state_dict, self.device)
+        del full_state_dict
+
+    def apply_lora(self, model: TransformerDecoder) -> None:
+        p = self.params
+        apply_lora(model, p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
+                   use_dora=p.use_dora)
+
+    def setup(self) -> None:
+        p = self.params
+        # Tokenizer and data before the model: a bad dataset row fails in seconds, not after the weights are read.
+        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
+        self.setup_data()
+        self.load_checkpoint()
+        self.model.train()
+
+        self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
+        if p.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, p.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise MytuneError(
+                f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
+                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+            )
+        self.total_steps = self.steps_per_epoch * p.epochs
+
+        # Only the adapters train: the frozen base gets neither gradients nor optimizer state.
+        self.trainable = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=p.lr, weight_decay=p.weight_decay,
+            fused=self.device.type == "cuda" and not p.cpu_offload,
+        )
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
+        )
+        if self.is_rank_zero:
+            self.metric_logger = JsonlMetricLogger(self.output_dir / "metrics.jsonl")
+            n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
+            n_trainable = sum(t.numel() for t in self.trainable)
+            print(
+                f"lora_finetune_distributed: {'DoRA' if p.use_dora else 'LoRA'} rank {p.lora_rank} on "
+                f"{', '.join(p.lora_target_modules)}: {n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M "
+                f"params sharded over {self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, "
+                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"{'packed rows' if p.packed else 'samples'}",
+                flush=True,
+            )
+
+    def setup_data(self) -> None:
+        """Tokenized datasets, a validation split, and loaders that give each rank its own shard.
+
+        Rank 0 tokenizes first and writes the on-disk cache; the other ranks then load it from there instead of
+        tokenizing again (with dataset_cache_dir=off they tokenize after rank 0). A bad row is reported once, by rank 0.
+        Items are samples, or packed rows of several samples when `packed`; batches hold `tokens` and `labels` (and
+        `position_ids` / `document_ids` when packed). The sampler's state (epoch, samples consumed by all ranks) is
+        what a checkpoint needs to resume the data where it stopped: `self.dataloader.state_dict()`.
+        """
+        p = self.params
+        cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        build = partial(
+            build_sft_dataset,
+            tokenizer=self.tokenizer,
+            max_seq_len=p.max_seq_len,
+            dataset_format=None if p.dataset_format == "auto" else p.dataset_format,
+            column_map=p.column_map,
+            chat_template=p.chat_template or None,
+            train_on_input=p.train_on_input,
+            truncation=p.truncation,
+            packed=p.packed,
+            skip_bad_rows=p.skip_bad_rows,
+            cache_dir=cache_dir,
+        )
+
+        def build_all():
+            return build(p.dataset_path), (build(p.dataset_val) if p.dataset_val else None)
+
+        error = None
+        if self.is_rank_zero:
+            try:
+                dataset, val_dataset = build_all()
+            except MytuneError as err:
+                error = err
+        (failed,) = distributed.all_reduce_sum([float(error is not None)], self.device)  # the barrier: rank 0 is done
+        if error is not None:
+            raise error
+        if failed:  # rank 0 reports the error (one line for the whole job) and exits; torchrun then stops this rank
+            time.sleep(30)  # rather than exit first: torchrun would then report this rank and not rank 0's error
+            raise SystemExit(2)
+        if not self.is_rank_zero:
+            dataset, val_dataset = build_all()  # from the cache rank 0 wrote
+        if self.is_rank_zero:
+            report_dataset("dataset_path", dataset)
+            if val_dataset is not None:
+                report_dataset("dataset_val", val_dataset)
+        if val_dataset is None and p.val_fraction > 0:
+            dataset, val_dataset = split_validation(dataset, p.val_fraction, seed=p.seed)  # the same split on all ranks
+            if self.is_rank_zero:
+                print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
+                      f"training: {dataset.num_samples}", flush=True)
+
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
+        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
+        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+                                   seed=p.seed)
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate)
+        self.val_dataloader = None
+        if val_dataset is not None:
+            # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
+            # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
+            # leaves the repeated samples out of the loss.
+            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+                                           shuffle=False, drop_last=False)
+            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
+                                             collate_fn=collate)
+
+    def train(self) -> None:
+        p = self.params
+        world_size = self.dist.world_size
+        progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True, disable=not self.is_rank_zero)
+        for epoch in range(p.epochs):
+            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+            batches = iter(self.dataloader)
+            for _ in range(self.steps_per_epoch):
+                step_start = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
+                # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+                local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+                local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+                num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
+                    [local_label_tokens, local_input_tokens], self.device
+                )
+                local_loss = 0.0
+                for batch in micro_batches:
+                    batch = {key: value.to(self.device) for key, value in batch.items()}
+                    logits = self.forward(batch)
+                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
+                    # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
+                    # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
+                    (loss * world_size).backward()
+                    local_loss += loss.item()
+                (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
+                if not torch.isfinite(torch.tensor(step_loss)):
+                    raise MytuneError(
+                        f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
+                        f"(now {p.lr}) or set max_grad_norm"
+                    )
+                grad_norm = None
+                if p.max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.lr_scheduler.step()
+                self.global_step += 1
+
+                seconds = time.perf_counter() - step_start
+                tokens_per_s = num_input_tokens / seconds  # all ranks' tokens: the job's throughput
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                last_step = self.global_step == self.total_steps
+                evaluate = self.val_dataloader is not None and (
+                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                )
+                metrics = {
+                    "step": self.global_step,
+                    "epoch": epoch,
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "num_tokens": int(num_input_tokens),
+                }
+                if evaluate:  # on every rank: the sharded forwards are collectives
+                    metrics.update(self.evaluate())
+                    if self.is_rank_zero:
+                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
+                if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
+                    self.metric_logger.log(metrics)
+        progress.close()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
+        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
+                          document_ids=batch.get("document_ids"))
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
+
+        Each rank sums the loss of its shard; the sums and label-token counts are added over all ranks.
+        """
+        p = self.params
+        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        self.model.eval()
+        loss_sum, num_label_tokens = 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.val_dataloader):
+                if p.max_eval_batches is not None and index >= p.max_eval_batches:
+                    break
+                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
+                # its end are the wrap-around repeats: no loss on them.
+                first = index * p.batch_size
+                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                batch["labels"][positions >= num_items] = IGNORE_INDEX
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                num_label_tokens += count_label_tokens(batch["labels"])
+        self.model.train()
+        loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
+        val_loss = loss_sum / max(num_label_tokens, 1)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
+                "val_tokens": int(num_label_tokens)}
+
+    def save_checkpoint(self) -> Path:
+        """`output_dir/step_<N>`: the merged Hugging Face checkpoint plus recipe_state.json (the step and the data
+        loader's position), and in it `adapter/`, the PEFT adapter.
+
+        Every rank gathers the full state dict (a collective) onto the CPU; rank 0 rebuilds the LoRA model from it
+        and writes both directories (each atomically), the merged one built a layer at a time on the CPU.
+        """
+        p = self.params
+        out_dir = self.output_dir / f"step_{self.global_step}"
+        full_model = self.gather_full_lora_model()
+        if self.is_rank_zero:
+            merged = merge_lora(full_model)
+            save_hf_checkpoint(merged, out_dir, dtype=self.save_dtype)
+            del merged
+            write_tokenizer_files(self.tokenizer, out_dir)
+            save_peft_adapter(
+                full_model, out_dir / ADAPTER_DIR_NAME, base_model_name_or_path=str(self.base_model_path),
+                targets=p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
+                use_dora=p.use_dora, dtype=self.save_dtype,
+            )
+            state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
+            (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            print(f"saved merged checkpoint to {out_dir} and the PEFT adapter to {out_dir / ADAPTER_DIR_NAME}",
+                  flush=True)
+        del full_model
+        distributed.barrier()  # no rank returns before the checkpoint exists
+        return out_dir
+
+    def gather_full_lora_model(self) -> TransformerDecoder | None:
+        """All ranks gather the sharded weights; rank 0 gets a CPU LoRA `TransformerDecoder` holding them, others None.
+
+        `distributed.gather_full_model` for a model with adapters: the CPU model gets the same `apply_lora` first.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_rank_zero:
+            return None
+        with torch.device("meta"):
+            cpu_model = TransformerDecoder(self.model.args)
+        self.apply_lora(cpu_model)
+        cpu_model.load_state_dict(full, strict=True, assign=True)
+        if cpu_model.args.tie_word_embeddings:
+            cpu_model.tie_weights()
+        cpu_model.model.rotary_emb.reset_parameters("cpu")
+        return cpu_model.eval()
+
+    def cleanup(self) -> None:
+        if self.is_rank_zero:
+            self.metric_logger.close()
+        distributed.destroy_distributed()
+
+
+def report_dataset(field: str, dataset) -> None:
+    """One line of counts (samples, tokens, truncated, dropped, bad rows skipped, cache), and the first skipped rows."""
+    print(f"{field}: {dataset.summary()}", flush=True)
+    for message in dataset.stats.get("skipped_examples", []):
+        print(f"  skipped {message}", flush=True)
+
+
+def is_hub_dataset(value: str) -> bool:
+    """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
+    local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
+
+
+def recipe_main(params: LoRAFinetuneDistributedParams) -> Path:
+    """Run the whole recipe on this rank; returns the directory of the saved (merged) checkpoint, the adapter in
+    its `adapter/`."""
+    hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
+    missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
+    if missing:
+        raise MytuneError(missing[0])
+    recipe = LoRAFinetuneRecipeDistributed(params)
+    try:
+        recipe.setup()
+        recipe.train()
+        out_dir = recipe.save_checkpoint()
+    except MytuneError:
+        distributed.destroy_distributed()  # leave the group before exiting: a live gloo group can abort the exit
+        raise
+    recipe.cleanup()
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = TuneArgumentParser(
+        LoRAFinetuneDistributedParams, recipe=__file__, description=LoRAFinetuneDistributedParams.__doc__
+    )
+    recipe_main(parser.parse_params(argv))
+
+
+if __name__ == "__main__":
+    run_or_exit(main, prog="lora_finetune_distributed")

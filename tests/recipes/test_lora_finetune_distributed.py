@@ -1,0 +1,182 @@
+"""FSDP2 LoRA recipe end to end: 2 CPU processes (gloo) match `lora_finetune_single_device` on the same global batch
+(training and validation loss), and rank 0 writes a merged checkpoint plus a PEFT adapter that peft loads onto the
+transformers base with the merged checkpoint's logits."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
+
+from mytune.config import TuneArgumentParser
+from mytune.training.distributed import destroy_distributed
+from mytune.training.metrics import read_metrics
+from recipes import lora_finetune_distributed as dist_recipe
+from recipes import lora_finetune_single_device as single_recipe
+from recipes.params.lora_finetune_distributed import LoRAFinetuneDistributedParams
+from recipes.params.lora_finetune_single_device import LoRAFinetuneParams
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+# Same data (unshuffled), seed and hyper-parameters; the distributed run has half the per-process batch on 2 ranks.
+# 101 validation samples (odd: rank 1's last one is a wrap-around repeat that must not count), evaluated after
+# steps 2 and 4.
+COMMON = ["shuffle=false", "dtype=fp32", "epochs=1", f"max_steps_per_epoch={STEPS}", "log_every_n_steps=1",
+          "gradient_accumulation_steps=2", "warmup_steps=1", "val_fraction=0.0505", "eval_every_n_steps=2"]
+
+
+def torchrun_env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MYTUNE_DATA_CACHE": str(cache)}
+
+
+def two_ranks(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", "lora_finetune_distributed",
+         "--config", "tiny_demo", "--override", f"output_dir={out}", *overrides],
+        capture_output=True, text=True, env=torchrun_env(out.parent / f"{out.name}-cache"), cwd=out.parent,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_lora")
+    result = two_ranks(out, "batch_size=2", *COMMON)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_two_ranks_match_single_device_on_the_same_global_batch(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    parser = TuneArgumentParser(LoRAFinetuneParams, recipe="lora_finetune_single_device")
+    params = parser.parse_params(
+        ["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "batch_size=4",
+         f"dataset_cache_dir={tmp_path / 'cache'}", *COMMON]
+    )
+    single_recipe.recipe_main(params)
+
+    sharded = read_metrics(out / "metrics.jsonl")
+    single = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in sharded] == list(range(1, STEPS + 1))
+    assert [r["num_tokens"] for r in sharded] == [r["num_tokens"] for r in single]  # the same samples per step
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(sharded, single))
+    norm_diff = max(abs(a["grad_norm"] - b["grad_norm"]) for a, b in zip(sharded, single))
+    print(f"FSDP vs single-device LoRA: max loss diff {loss_diff:.2e}, max grad-norm diff {norm_diff:.2e}")
+    assert loss_diff < 1e-5, (loss_diff, sharded, single)
+    assert norm_diff < 1e-4, norm_diff
+    assert sharded[-1]["loss"] < sharded[0]["loss"]  # it trains (and the later steps still agree)
+    assert [r["step"] for r in sharded if "val_loss" in r] == [r["step"] for r in single if "val_loss" in r] == [2, 4]
+    for a, b in zip(sharded, single):
+        if "val_loss" in a:
+            assert a["val_tokens"] == b["val_tokens"]
+            assert abs(a["val_loss"] - b["val_loss"]) < 1e-5, (a, b)
+    # The same random start (rank 0 builds it as the single-device recipe does) and the same trained adapter.
+    base_a = load_file(out / "base_model" / "model.safetensors")
+    base_b = load_file(tmp_path / "base_model" / "model.safetensors")
+    assert all(torch.equal(base_a[k], base_b[k]) for k in base_b)
+    adapter_a = load_file(out / f"step_{STEPS}" / "adapter" / "adapter_model.safetensors")
+    adapter_b = load_file(tmp_path / f"step_{STEPS}" / "adapter" / "adapter_model.safetensors")
+    assert set(adapter_a) == set(adapter_b)
+    # Adam's normalised update amplifies float-rounding differences of tiny gradients: a looser bound than the loss's.
+    adapter_diff = max((adapter_a[k] - adapter_b[k]).abs().max().item() for k in adapter_b)
+    print(f"FSDP vs single-device LoRA: max adapter weight diff {adapter_diff:.2e}")
+    assert adapter_diff < 1e-4
+
+
+@pytest.mark.slow
+def test_rank_zero_writes_merged_checkpoint_and_a_peft_adapter_with_the_same_logits(two_rank_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, result = two_rank_run
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "base_model", "metrics.jsonl", f"step_{STEPS}"]
+    assert result.stdout.count("saved merged checkpoint to") == 1  # rank 0 only logs
+    assert result.stdout.count("dataset_path: 2000 samples") == 1 and result.stdout.count("val_loss") == 2
+    step_dir = out / f"step_{STEPS}"
+    state = json.loads((step_dir / "recipe_state.json").read_text())
+    assert state["dataloader"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
+    config = json.loads((step_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((out / "base_model").resolve()) and config["r"] == 8
+    assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                        "lm_head"]
+
+    ids = torch.tensor([[1, 5, 17, 42, 99, 7, 250, 3]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(step_dir, dtype=torch.float32).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+        peft_logits = PeftModel.from_pretrained(base, step_dir / "adapter").eval()(ids).logits
+    diff = (merged - peft_logits).abs().max().item()
+    print(f"merged checkpoint vs PEFT adapter on the base: {diff:.2e}")
+    assert diff < 1e-5
+
+
+def run_world_of_one(tmp_path: Path, *overrides: str):
+    parser = TuneArgumentParser(LoRAFinetuneDistributedParams, recipe="lora_finetune_distributed")
+    params = parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={tmp_path}", "epochs=1",
+                                  "log_every_n_steps=1", f"dataset_cache_dir={tmp_path / 'cache'}", *overrides])
+    return dist_recipe.LoRAFinetuneRecipeDistributed(params)
+
+
+def test_bf16_dora_keeps_fp32_sharded_params_trains_adapters_only_as_a_world_of_one(tmp_path):
+    """Without torchrun the recipe is a 1-process group; the base is frozen, only adapters reach AdamW."""
+    recipe = run_world_of_one(tmp_path, "dtype=bf16", "use_dora=true", "max_steps_per_epoch=2", "batch_size=2",
+                              "max_seq_len=64", "lora_target_modules=[linear_qkv,linear_fc2]")
+    try:
+        recipe.setup()
+        params = dict(recipe.model.named_parameters())
+        assert {p.dtype for p in params.values()} == {torch.float32}
+        assert all(isinstance(p, DTensor) for p in params.values())
+        trainable = {name for name, p in params.items() if p.requires_grad}
+        assert trainable and all(".lora_" in name for name in trainable)
+        assert {id(p) for g in recipe.optimizer.param_groups for p in g["params"]} == {id(params[n]) for n in trainable}
+        frozen_before = params["model.embed_tokens.weight"].full_tensor().clone()
+        recipe.train()
+        assert torch.equal(params["model.embed_tokens.weight"].full_tensor(), frozen_before)
+        out_dir = recipe.save_checkpoint()
+        recipe.cleanup()
+    finally:
+        destroy_distributed()  # also when a step above failed
+    adapter = load_file(out_dir / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector" in adapter
+    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert len(adapter) == 3 * 4 * 4  # (A, B, magnitude) x 4 layers x (q, k, v, down)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_packed_rows_train_and_validate_as_a_world_of_one(tmp_path):
+    recipe = run_world_of_one(tmp_path, "dtype=fp32", "packed=true", "batch_size=2", "max_steps_per_epoch=3",
+                              "max_eval_batches=2")
+    try:
+        recipe.setup()
+        batch = next(iter(recipe.dataloader))
+        assert {"position_ids", "document_ids"} <= set(batch) and int(batch["document_ids"].max()) > 0
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        destroy_distributed()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert "val_loss" in rows[-1] and math.isfinite(rows[-1]["val_perplexity"])
+
+
+def test_params_refuse_what_fsdp_lora_cannot_do():
+    from mytune.errors import ConfigError
+
+    base = {"model": "llama_tiny", "tokenizer_path": "t", "dataset_path": "d"}
+    with pytest.raises(ConfigError, match="device must be auto, cpu or cuda"):
+        LoRAFinetuneDistributedParams(**base, device="mps")
+    with pytest.raises(ConfigError, match="cpu_offload=true needs a GPU run"):
+        LoRAFinetuneDistributedParams(**base, device="cpu", cpu_offload=True)
+    with pytest.raises(ConfigError, match="unknown module name"):
+        LoRAFinetuneDistributedParams(**base, lora_target_modules=["mlp_proj"])
+    with pytest.raises(TypeError, match="quantize_base"):  # QLoRA is single-device only
+        LoRAFinetuneDistributedParams(**base, quantize_base=True)
