@@ -8,10 +8,16 @@ file). Differences: every rank builds the model on the meta device and `fully_sh
 rank 0 reads the checkpoint and the weights are broadcast shard by shard; rank 0 tokenizes the data (into the on-disk
 cache) before the other ranks load it; a `ResumableSampler` gives each rank its part of every global batch; the loss
 of a step is normalised by the label tokens of the whole global batch, so the gradient equals the single-device
-gradient of that batch; the validation loss is summed over all ranks; only rank 0 logs and writes the checkpoint.
+gradient of that batch; the validation loss is summed over all ranks; only rank 0 logs and writes the checkpoint
+files, while every rank takes part in gathering the weights and the sharded optimizer state for it.
+
+Checkpoints: `output_dir/step_<N>/` holds the Hugging Face files plus `recipe_state.pt` (the full, unsharded optimizer
+state, LR schedule, RNG, data position, step and epoch), so `resume_from_checkpoint=latest` continues the run where it
+stopped, also on another number of processes. With dtype=bf16 the HF files hold bf16 weights, so a resumed bf16 run
+restarts from the fp32 master weights rounded to bf16 (fp32 runs resume exactly).
 """
 
-import json
+import dataclasses
 import math
 import re
 import time
@@ -37,9 +43,14 @@ from mytune.models import ModelArgs, TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
 from mytune.training.device import set_seed
-from mytune.training.loss import IGNORE_INDEX, count_label_tokens, cross_entropy_sum
+from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.loss import IGNORE_INDEX, chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import JsonlMetricLogger
+from mytune.training.metrics import build_metric_loggers
+from mytune.training.optim import build_optimizer
+from mytune.training.profiling import maybe_profile, peak_memory_gib
+from mytune.training.recipe_state import latest_checkpoint, load_recipe_state, prune_checkpoints, save_recipe_state
+from mytune.training.safety import PreemptionHandler, check_finite
 from recipes.params.full_finetune_distributed import FullFinetuneDistributedParams
 
 
@@ -53,21 +64,36 @@ class FullFinetuneRecipeDistributed:
         self.is_rank_zero = self.dist.is_rank_zero
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
+        self.epoch = 0
+        # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
+        box = [None, None]
+        if self.is_rank_zero:
+            try:
+                box[0] = resume_dir(params)
+            except MytuneError as err:
+                box[1] = str(err)
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise MytuneError(box[1])
+        self.resume_dir = box[0]
+        self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
+        self.last_saved_step = None
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and the data order
 
     def load_checkpoint(self) -> None:
         """The model sharded over the ranks, its weights read by rank 0 only (the tokenizer is loaded by `setup`).
 
-        From `checkpoint_dir`, or a seeded random `model`. Rank 0 holds the full float32 state dict on the CPU;
+        From the resumed `step_<N>`, from `checkpoint_dir`, or a seeded random `model`. Rank 0 holds the full float32 state dict on the CPU;
         the other ranks only learn the shapes (config.json / the builder). Weights stay float32 with dtype=bf16 too:
         the FSDP mixed-precision policy casts them for compute.
         """
         p = self.params
         full_state_dict = None
-        if p.checkpoint_dir:
-            args = ModelArgs.from_hf_config(read_hf_config(p.checkpoint_dir))
+        source = self.resume_dir or p.checkpoint_dir
+        if source:
+            args = ModelArgs.from_hf_config(read_hf_config(source))
             if self.is_rank_zero:
-                full_state_dict = load_hf_model(p.checkpoint_dir, device="cpu", dtype=torch.float32).state_dict()
+                full_state_dict = load_hf_model(source, device="cpu", dtype=torch.float32).state_dict()
         else:
             # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
             args = model_args(p.model)
@@ -82,6 +108,11 @@ class FullFinetuneRecipeDistributed:
             )
         with torch.device("meta"):
             self.model = TransformerDecoder(args)
+        # Before sharding; neither changes parameter names or state-dict keys.
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if p.compile:
+            compile_layers(self.model)
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
@@ -105,21 +136,30 @@ class FullFinetuneRecipeDistributed:
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay,
-            fused=self.device.type == "cuda" and not p.cpu_offload,
-        )
+        self.optimizer = build_optimizer(self.model.parameters(), p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                         device=self.device)  # not fused with cpu_offload: parameters on the CPU
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
         )
+        if self.resume_dir is not None:
+            # Every rank (a collective): rank 0 reads the file and scatters the optimizer state into the shards.
+            # Last: the RNG streams are set back to where the interrupted run was after its step.
+            state = load_recipe_state(self.resume_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                      model=self.model)
+            self.global_step, self.epoch = state.global_step, state.epoch
+            self.dataloader.load_state_dict(state.dataloader_state)
+            self.last_saved_step = self.global_step
+            if self.is_rank_zero:
+                print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
         if self.is_rank_zero:
-            self.metric_logger = JsonlMetricLogger(self.output_dir / "metrics.jsonl")
+            self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
+                                                      config=dataclasses.asdict(p))
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
             print(
                 f"full_finetune_distributed: {n_params / 1e6:.1f}M params sharded over {self.dist.world_size} "
                 f"process(es) on {self.device.type} in {p.dtype}, {self.total_steps} steps of "
                 f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
-                f"{'packed rows' if p.packed else 'samples'}",
+                f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
                 flush=True,
             )
 
@@ -191,76 +231,99 @@ class FullFinetuneRecipeDistributed:
                                              collate_fn=collate)
 
     def train(self) -> None:
+        """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
+        checkpoint every `save_every_n_steps`. On SIGTERM to any rank (preemption) every rank stops after the same
+        step, they save a checkpoint together and return early: `recipe_main` then finds it saved, exit 0."""
+        p = self.params
+        # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
+        first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
+        with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+                   disable=not self.is_rank_zero) as progress,
+              PreemptionHandler() as preemption,
+              maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
+            for epoch in range(first_epoch, p.epochs):
+                self.epoch = epoch
+                self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+                batches = iter(self.dataloader)
+                for _ in range(self.steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
+                    step_start = time.perf_counter()
+                    metrics = self.train_step([next(batches) for _ in range(p.gradient_accumulation_steps)])
+                    profiler.step()
+
+                    seconds = time.perf_counter() - step_start
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                    last_step = self.global_step == self.total_steps
+                    evaluate = self.val_dataloader is not None and (
+                        last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                    )
+                    metrics.update(epoch=epoch, tokens_per_s=tokens_per_s, peak_memory_gib=peak_memory_gib(self.device))
+                    if evaluate:  # on every rank: the sharded forwards are collectives
+                        metrics.update(self.evaluate())
+                        if self.is_rank_zero:
+                            progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                           f"val_perplexity {metrics['val_perplexity']:.2f}")
+                    if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
+                        self.metric_logger.log(metrics)
+                    if preemption.should_stop_on_any_rank(self.device):  # a collective: every rank, every step
+                        if self.is_rank_zero:
+                            progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
+                                           f"stopping (resume with resume_from_checkpoint=latest)")
+                        self.save_checkpoint()
+                        return
+                    if not last_step and p.save_every_n_steps > 0 and self.global_step % p.save_every_n_steps == 0:
+                        self.save_checkpoint()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
+        are the same on every rank (loss and token counts summed over the ranks)."""
         p = self.params
         world_size = self.dist.world_size
-        progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True, disable=not self.is_rank_zero)
-        for epoch in range(p.epochs):
-            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
-            batches = iter(self.dataloader)
-            for _ in range(self.steps_per_epoch):
-                step_start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
-                # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
-                local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-                local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
-                num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
-                    [local_label_tokens, local_input_tokens], self.device
-                )
-                local_loss = 0.0
-                for batch in micro_batches:
-                    batch = {key: value.to(self.device) for key, value in batch.items()}
-                    logits = self.forward(batch)
-                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
-                    # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-                    # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
-                    (loss * world_size).backward()
-                    local_loss += loss.item()
-                (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
-                if not torch.isfinite(torch.tensor(step_loss)):
-                    raise MytuneError(
-                        f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
-                        f"(now {p.lr}) or set max_grad_norm"
-                    )
-                grad_norm = None
-                if p.max_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                self.global_step += 1
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device
+        )
+        local_loss = 0.0
+        for batch in micro_batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+                loss = self.loss_sum(batch) / max(num_label_tokens, 1)
+            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
+            (loss * world_size).backward()
+            local_loss += loss.item()
+        (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        # The same value on every rank, so all ranks raise together; before the optimizer step.
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        grad_norm = None
+        if p.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        return {"step": self.global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "num_tokens": int(num_input_tokens)}
 
-                seconds = time.perf_counter() - step_start
-                tokens_per_s = num_input_tokens / seconds  # all ranks' tokens: the job's throughput
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                last_step = self.global_step == self.total_steps
-                evaluate = self.val_dataloader is not None and (
-                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
-                )
-                metrics = {
-                    "step": self.global_step,
-                    "epoch": epoch,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "num_tokens": int(num_input_tokens),
-                }
-                if evaluate:  # on every rank: the sharded forwards are collectives
-                    metrics.update(self.evaluate())
-                    if self.is_rank_zero:
-                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
-                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
-                if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
-                    self.metric_logger.log(metrics)
-        progress.close()
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of this rank's batch (float32). Packed rows also pass position and document ids.
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
-        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
-                          document_ids=batch.get("document_ids"))
+        With `chunked_loss` the model returns its final hidden states and the output projection runs inside the
+        loss, `loss_chunk_size` tokens at a time. FSDP keeps the root's parameters (the head among them) gathered
+        from the root's forward until its backward, so `lm_head.weight` is the full weight here.
+        """
+        p = self.params
+        kwargs = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        if p.chunked_loss:
+            hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
+            return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
+                                             chunk_size=p.loss_chunk_size)
+        return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
@@ -281,7 +344,7 @@ class FullFinetuneRecipeDistributed:
                 positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
                 batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
         loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
@@ -290,18 +353,28 @@ class FullFinetuneRecipeDistributed:
                 "val_tokens": int(num_label_tokens)}
 
     def save_checkpoint(self) -> Path:
-        """Hugging Face layout in `output_dir/step_<N>`: every rank gathers, rank 0 writes (atomically), plus
-        recipe_state.json: the step and the data loader's position (epoch, samples consumed by all ranks)."""
+        """`output_dir/step_<N>`: every rank gathers the weights and rank 0 writes the Hugging Face layout
+        (atomically); then every rank gathers the sharded optimizer state and rank 0 writes `recipe_state.pt` (via a
+        temporary file and a rename: a `step_<N>` with recipe_state.pt is complete) and keeps the newest
+        `keep_last_n_checkpoints`. Saving the same step twice (a preemption right after a periodic save) writes nothing."""
+        p = self.params
         out_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_saved_step == self.global_step:
+            return out_dir
         full_model = distributed.gather_full_model(self.model)
         if self.is_rank_zero:
-            dtype = torch.bfloat16 if self.params.dtype == "bf16" else torch.float32
+            dtype = torch.bfloat16 if p.dtype == "bf16" else torch.float32
             save_hf_checkpoint(full_model, out_dir, dtype=dtype)
             write_tokenizer_files(self.tokenizer, out_dir)
-            state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
-            (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            print(f"saved checkpoint to {out_dir}", flush=True)
         del full_model
+        save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, model=self.model,
+                          dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
+                          epoch=self.epoch)
+        self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
+        if self.is_rank_zero:
+            if p.keep_last_n_checkpoints is not None:
+                prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
+            print(f"saved checkpoint to {out_dir}", flush=True)
         distributed.barrier()  # no rank returns before the checkpoint exists
         return out_dir
 
@@ -324,14 +397,33 @@ def is_hub_dataset(value: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
 
 
+def resume_dir(params) -> Path | None:
+    """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
+    complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
+    value = params.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        found = latest_checkpoint(params.output_dir)
+        if found is None:
+            print(f"resume_from_checkpoint=latest: no complete step_<N> in {params.output_dir}; starting fresh",
+                  flush=True)
+        return found
+    path = Path(value)
+    if not (path / "recipe_state.pt").is_file():
+        raise MytuneError(f"resume_from_checkpoint={value!r} is not a resumable checkpoint (a step_<N> directory "
+                          f"with recipe_state.pt); use latest for the newest one in output_dir")
+    return path
+
+
 def recipe_main(params: FullFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved checkpoint."""
     hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
     missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
     if missing:
         raise MytuneError(missing[0])
-    recipe = FullFinetuneRecipeDistributed(params)
     try:
+        recipe = FullFinetuneRecipeDistributed(params)
         recipe.setup()
         recipe.train()
         out_dir = recipe.save_checkpoint()

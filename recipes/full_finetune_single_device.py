@@ -3,13 +3,18 @@
     mytune full_finetune_single_device --config tiny_demo
     mytune full_finetune_single_device --config llama2_7b --override checkpoint_dir=/models/Llama-2-7b-hf
 
-Every weight of the model is trained with AdamW on one device (CPU, one GPU or MPS). The file reads top to bottom:
-`FullFinetuneRecipeSingleDevice` tokenizes the data (instruct, chat or text rows; cached on disk), loads a Hugging Face
-checkpoint, trains with gradient accumulation, evaluates the validation loss every `eval_every_n_steps`, and saves a
-Hugging Face checkpoint that `transformers` loads. Copy it (`mytune cp`) and change anything.
+Every weight of the model is trained (AdamW, SGD or torchao's low-bit AdamW) on one device (CPU, one GPU or MPS). The
+file reads top to bottom: `FullFinetuneRecipeSingleDevice` tokenizes the data (instruct, chat or text rows; cached on
+disk), loads a Hugging Face checkpoint (or resumes a run from its `step_<N>`), trains with gradient accumulation,
+evaluates the validation loss every `eval_every_n_steps`, saves a checkpoint every `save_every_n_steps` and at the end,
+and stops cleanly on SIGTERM (a checkpoint, then exit 0). Copy it (`mytune cp`) and change anything.
+
+Checkpoints: `output_dir/step_<N>/` holds the Hugging Face files that `transformers` loads plus `recipe_state.pt`
+(optimizer, LR schedule, RNG, data position, step and epoch), so `resume_from_checkpoint=latest` continues the run
+exactly where it stopped: the same losses as a run that was never interrupted.
 """
 
-import json
+import dataclasses
 import math
 import os
 import re
@@ -35,9 +40,14 @@ from mytune.errors import MytuneError, run_or_exit
 from mytune.models import TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, resolve_device, set_seed
-from mytune.training.loss import count_label_tokens, cross_entropy_sum
+from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import JsonlMetricLogger
+from mytune.training.metrics import build_metric_loggers
+from mytune.training.optim import build_optimizer
+from mytune.training.profiling import maybe_profile, peak_memory_gib
+from mytune.training.recipe_state import latest_checkpoint, load_recipe_state, prune_checkpoints, save_recipe_state
+from mytune.training.safety import PreemptionHandler, check_finite
 from recipes.params.full_finetune_single_device import FullFinetuneParams
 
 
@@ -50,13 +60,18 @@ class FullFinetuneRecipeSingleDevice:
         self.dtype = DTYPES[params.dtype]
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
+        self.epoch = 0
+        self.resume_dir = resume_dir(params)  # None: a fresh run
+        self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
+        self.last_saved_step = None
         set_seed(params.seed)
 
     def load_checkpoint(self) -> None:
-        """Model from `checkpoint_dir`, or a seeded random `model` sized to the tokenizer (loaded by `setup`)."""
+        """Model from the resumed `step_<N>`, from `checkpoint_dir`, or a seeded random `model` sized to the tokenizer
+        (loaded by `setup`)."""
         p = self.params
-        if p.checkpoint_dir:
-            self.model = load_hf_model(p.checkpoint_dir, device=self.device, dtype=self.dtype)
+        if self.resume_dir is not None or p.checkpoint_dir:
+            self.model = load_hf_model(self.resume_dir or p.checkpoint_dir, device=self.device, dtype=self.dtype)
         else:
             # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
             args = model_args(p.model)
@@ -78,6 +93,11 @@ class FullFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        # Neither changes parameter names or state-dict keys: checkpoints are the same with or without them.
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if p.compile:
+            compile_layers(self.model)
 
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
@@ -90,18 +110,25 @@ class FullFinetuneRecipeSingleDevice:
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=self.device.type == "cuda"
-        )
+        self.optimizer = build_optimizer(self.model.parameters(), p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                         device=self.device)
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
         )
-        self.metric_logger = JsonlMetricLogger(self.output_dir / "metrics.jsonl")
+        if self.resume_dir is not None:
+            # Last: the RNG streams are set back to where the interrupted run was after its step.
+            state = load_recipe_state(self.resume_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+            self.global_step, self.epoch = state.global_step, state.epoch
+            self.dataloader.load_state_dict(state.dataloader_state)
+            self.last_saved_step = self.global_step
+            print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
+        self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
+                                                  config=dataclasses.asdict(p))
         n_params = sum(t.numel() for t in self.model.parameters())
         print(
             f"full_finetune_single_device: {n_params / 1e6:.1f}M params on {self.device} in {p.dtype}, "
             f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps} "
-            f"{'packed rows' if p.packed else 'samples'}",
+            f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
             flush=True,
         )
 
@@ -147,71 +174,91 @@ class FullFinetuneRecipeSingleDevice:
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate)
 
     def train(self) -> None:
+        """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
+        checkpoint every `save_every_n_steps`. On SIGTERM (preemption) it saves a checkpoint after the current step
+        and returns early: `recipe_main` then finds that checkpoint saved and the process exits 0."""
         p = self.params
-        progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True)
         tokens_since_log, seconds_since_log = 0, 0.0
-        for epoch in range(p.epochs):
-            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
-            batches = iter(self.dataloader)
-            for _ in range(self.steps_per_epoch):
-                step_start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
-                # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
-                num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-                num_input_tokens = 0
-                step_loss = 0.0
-                for batch in micro_batches:
-                    batch = {key: value.to(self.device) for key, value in batch.items()}
-                    logits = self.forward(batch)
-                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
-                if not torch.isfinite(torch.tensor(step_loss)):
-                    raise MytuneError(
-                        f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
-                        f"(now {p.lr}) or set max_grad_norm"
+        # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
+        first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
+        with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True) as progress,
+              PreemptionHandler() as preemption,
+              maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
+            for epoch in range(first_epoch, p.epochs):
+                self.epoch = epoch
+                self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+                batches = iter(self.dataloader)
+                for _ in range(self.steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
+                    step_start = time.perf_counter()
+                    metrics = self.train_step([next(batches) for _ in range(p.gradient_accumulation_steps)])
+                    profiler.step()
+
+                    seconds = time.perf_counter() - step_start
+                    tokens_since_log += metrics["num_tokens"]
+                    seconds_since_log += seconds
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['num_tokens'] / seconds:.0f}")
+                    last_step = self.global_step == self.total_steps
+                    evaluate = self.val_dataloader is not None and (
+                        last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
                     )
-                grad_norm = None
-                if p.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                self.global_step += 1
+                    if self.global_step % p.log_every_n_steps == 0 or last_step or evaluate:
+                        metrics.update(epoch=epoch, tokens_per_s=tokens_since_log / seconds_since_log,
+                                       num_tokens=tokens_since_log, peak_memory_gib=peak_memory_gib(self.device))
+                        if evaluate:  # not timed in tokens_per_s: that counts training steps only
+                            metrics.update(self.evaluate())
+                            progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                           f"val_perplexity {metrics['val_perplexity']:.2f}")
+                        self.metric_logger.log(metrics)
+                        tokens_since_log, seconds_since_log = 0, 0.0
+                    if preemption.should_stop:
+                        progress.write(f"{preemption.received.name} at step {self.global_step}: saving a checkpoint "
+                                       f"and stopping (resume with resume_from_checkpoint=latest)")
+                        self.save_checkpoint()
+                        return
+                    if not last_step and p.save_every_n_steps > 0 and self.global_step % p.save_every_n_steps == 0:
+                        self.save_checkpoint()
 
-                seconds = time.perf_counter() - step_start
-                tokens_since_log += num_input_tokens
-                seconds_since_log += seconds
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{num_input_tokens / seconds:.0f}")
-                last_step = self.global_step == self.total_steps
-                evaluate = self.val_dataloader is not None and (
-                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
-                )
-                if self.global_step % p.log_every_n_steps == 0 or last_step or evaluate:
-                    metrics = {
-                        "step": self.global_step,
-                        "epoch": epoch,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_since_log / seconds_since_log,
-                        "num_tokens": tokens_since_log,
-                    }
-                    if evaluate:  # not timed in tokens_per_s: that counts training steps only
-                        metrics.update(self.evaluate())
-                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
-                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
-                    self.metric_logger.log(metrics)
-                    tokens_since_log, seconds_since_log = 0, 0.0
-        progress.close()
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics."""
+        p = self.params
+        # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
+        num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        num_input_tokens = 0
+        step_loss = 0.0
+        for batch in micro_batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+                loss = self.loss_sum(batch) / max(num_label_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+            num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
+        lr = self.lr_scheduler.get_last_lr()[0]
+        # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        grad_norm = None
+        if p.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        return {"step": self.global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "num_tokens": num_input_tokens}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
-        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
-                          document_ids=batch.get("document_ids"))
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of a batch (float32). Packed rows also pass their position and document ids.
+
+        With `chunked_loss` the model returns its final hidden states and the output projection runs inside the
+        loss, `loss_chunk_size` tokens at a time, so the `[batch, seq, vocab]` logits never exist at once.
+        """
+        p = self.params
+        kwargs = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        if p.chunked_loss:
+            hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
+            return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
+                                             chunk_size=p.loss_chunk_size)
+        return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches) and its perplexity."""
@@ -223,7 +270,7 @@ class FullFinetuneRecipeSingleDevice:
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
                 batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
         val_loss = loss_sum / max(num_label_tokens, 1)
@@ -231,13 +278,21 @@ class FullFinetuneRecipeSingleDevice:
                 "val_tokens": num_label_tokens}
 
     def save_checkpoint(self) -> Path:
-        """Hugging Face layout (config.json, safetensors, tokenizer files) in `output_dir/step_<N>`, written atomically,
-        plus recipe_state.json: the step and the data loader's position (epoch, samples consumed)."""
-        out_dir = save_hf_checkpoint(
-            self.model, self.output_dir / f"step_{self.global_step}", dtype=self.dtype, tokenizer_files=self.tokenizer.files
-        )
-        state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
-        (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        """`output_dir/step_<N>`: the Hugging Face layout (config.json, safetensors, tokenizer files), written
+        atomically, then `recipe_state.pt` (optimizer, LR schedule, RNG, data position, step, epoch) via a temporary
+        file and a rename: a `step_<N>` with recipe_state.pt is complete. Keeps the newest `keep_last_n_checkpoints`.
+        Saving the same step twice (a preemption right after a periodic save) writes nothing."""
+        p = self.params
+        out_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_saved_step == self.global_step and out_dir.is_dir():
+            return out_dir
+        save_hf_checkpoint(self.model, out_dir, dtype=self.dtype, tokenizer_files=self.tokenizer.files)
+        save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                          dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
+                          epoch=self.epoch)
+        self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
+        if p.keep_last_n_checkpoints is not None:
+            prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
         print(f"saved checkpoint to {out_dir}", flush=True)
         return out_dir
 
@@ -256,6 +311,25 @@ def is_hub_dataset(value: str) -> bool:
     """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
     local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
+
+
+def resume_dir(params) -> Path | None:
+    """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
+    complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
+    value = params.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        found = latest_checkpoint(params.output_dir)
+        if found is None:
+            print(f"resume_from_checkpoint=latest: no complete step_<N> in {params.output_dir}; starting fresh",
+                  flush=True)
+        return found
+    path = Path(value)
+    if not (path / "recipe_state.pt").is_file():
+        raise MytuneError(f"resume_from_checkpoint={value!r} is not a resumable checkpoint (a step_<N> directory "
+                          f"with recipe_state.pt); use latest for the newest one in output_dir")
+    return path
 
 
 def recipe_main(params: FullFinetuneParams) -> Path:

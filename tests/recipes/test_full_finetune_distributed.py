@@ -88,8 +88,9 @@ def test_rank_zero_writes_one_checkpoint_that_transformers_loads(two_rank_run):
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["metrics.jsonl", f"step_{STEPS}"]
     assert result.stdout.count("saved checkpoint to") == 1  # rank 0 only logs
     assert result.stdout.count("dataset_path: 2000 samples") == 1 and result.stdout.count("val_loss") == 2
-    state = json.loads((out / f"step_{STEPS}" / "recipe_state.json").read_text())
-    assert state["dataloader"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
+    state = torch.load(out / f"step_{STEPS}" / "recipe_state.pt", weights_only=True)
+    assert state["dataloader_state"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
+    assert state["optimizer_full_state_dict"] and state["global_step"] == STEPS
     ckpt = out / f"step_{STEPS}"
     hf_model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     ours = load_hf_model(ckpt, dtype=torch.float32).eval()
@@ -163,3 +164,46 @@ def test_a_bad_row_stops_every_rank_with_one_error_line(tmp_path):
                          "instruction); each row needs string columns instruction, input, output (the input is "
                          "optional) (set skip_bad_rows=true to skip bad rows and count them)"), result.stderr
     assert errors[1:] == ["mytune: error: full_finetune_distributed failed on rank 0 with exit code 2"], result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_step_4_to_the_same_losses(tmp_path):
+    """An 8-step 2-process run saving at step 4; a second 2-process run resumed from that step_4 (gathered full
+    optimizer state scattered back into the shards) logs the same losses for steps 5..8."""
+    run = ["batch_size=2", "dtype=fp32", "epochs=1", "max_steps_per_epoch=8", "log_every_n_steps=1",
+           "warmup_steps=2", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128"]
+    full = two_ranks(tmp_path / "full", *run, "save_every_n_steps=4")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert (tmp_path / "full" / "step_4" / "recipe_state.pt").is_file()
+    resumed = two_ranks(tmp_path / "resumed", *run, f"resume_from_checkpoint={tmp_path / 'full' / 'step_4'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1  # rank 0 only
+
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
+    assert sorted(got) == [5, 6, 7, 8]
+    diff = max(abs(got[step] - expected[step]) for step in got)
+    print(f"FSDP resume: max |loss diff| over steps 5-8 = {diff:.3g}")
+    assert diff < 1e-6, (got, expected)
+
+
+def world_of_one_losses(out: Path, *overrides: str) -> list[float]:
+    parser = TuneArgumentParser(FullFinetuneDistributedParams, recipe="full_finetune_distributed")
+    params = parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={out}", "dtype=fp32",
+                                  "max_steps_per_epoch=3", "epochs=1", "log_every_n_steps=1", "val_fraction=0",
+                                  "eval_every_n_steps=0", "max_seq_len=128", f"dataset_cache_dir={out.parent / 'c'}",
+                                  *overrides])
+    try:
+        dist_recipe.recipe_main(params)
+    finally:
+        destroy_distributed()
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_chunked_loss_and_activation_checkpointing_under_fsdp_give_the_same_losses(tmp_path):
+    plain = world_of_one_losses(tmp_path / "plain", "chunked_loss=false")
+    chunked_ac = world_of_one_losses(tmp_path / "ac", "chunked_loss=true", "loss_chunk_size=100",
+                                     "activation_checkpointing=true", "metric_loggers=[jsonl, tensorboard]")
+    assert len(plain) == 3 and max(abs(a - b) for a, b in zip(plain, chunked_ac)) < 1e-5, (plain, chunked_ac)
+    assert list((tmp_path / "ac" / "tensorboard").glob("events.out.tfevents.*"))
+    assert world_of_one_losses(tmp_path / "sgd", "optimizer=sgd", "lr=0.05")[0] == pytest.approx(plain[0])

@@ -51,9 +51,10 @@ def test_loss_decreases(trained):
     assert all(r["tokens_per_s"] > 0 and r["num_tokens"] > 0 for r in rows)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, f"loss did not fall: first {first:.3f}, last {last:.3f}"
-    state = json.loads((ckpt_dir / "recipe_state.json").read_text())  # where the data loader stopped
-    assert state["global_step"] == 30 and state["dataloader"]["consumed"] == 30 * 8
-    assert state["dataloader"]["num_samples"] == 1900  # 100 of the 2000 demo samples are validation (val_fraction)
+    state = torch.load(ckpt_dir / "recipe_state.pt", weights_only=True)  # where the data loader stopped
+    assert state["global_step"] == 30 and state["dataloader_state"]["consumed"] == 30 * 8
+    assert state["dataloader_state"]["num_samples"] == 1900  # 100 of the 2000 demo samples are validation
+    assert all(r["peak_memory_gib"] > 0 for r in rows)
 
 
 def test_checkpoint_loads_in_transformers_with_same_logits(trained):
@@ -268,3 +269,45 @@ def test_data_params_are_validated(overrides, field):
 def test_column_map_from_the_command_line(tmp_path):
     params = demo_params(tmp_path, "column_map={instruction: prompt, output: response}", "dataset_format=instruct")
     assert params.column_map == {"instruction": "prompt", "output": "response"}
+
+
+# ---- memory / speed / logging options ------------------------------------------------------------------------------
+def losses_of(tmp_path: Path, *overrides: str) -> list[float]:
+    params = demo_params(tmp_path, "max_steps_per_epoch=3", "epochs=1", "val_fraction=0", "eval_every_n_steps=0",
+                         "max_seq_len=128", *overrides)
+    recipe.recipe_main(params)
+    return [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def unchunked_losses(tmp_path_factory):
+    return losses_of(tmp_path_factory.mktemp("unchunked"), "chunked_loss=false")
+
+
+def test_chunked_loss_and_activation_checkpointing_give_the_same_losses(unchunked_losses, tmp_path):
+    chunked = losses_of(tmp_path / "chunked", "chunked_loss=true", "loss_chunk_size=100")
+    checkpointed = losses_of(tmp_path / "ac", "chunked_loss=false", "activation_checkpointing=true",
+                             "activation_offloading=true")
+    assert len(unchunked_losses) == 3
+    assert max(abs(a - b) for a, b in zip(chunked, unchunked_losses)) < 1e-5, (chunked, unchunked_losses)
+    assert max(abs(a - b) for a, b in zip(checkpointed, unchunked_losses)) < 1e-5, (checkpointed, unchunked_losses)
+
+
+def test_sgd_trains_and_tensorboard_writes_an_event_file(tmp_path):
+    losses = losses_of(tmp_path, "optimizer=sgd", "lr=0.05", "metric_loggers=[jsonl, tensorboard]")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"optimizer": "adam"}, "optimizer='adam'"),
+    ({"metric_loggers": ["jsonl", "tensorbord"]}, "did you mean 'tensorboard'"),
+    ({"loss_chunk_size": 0}, "loss_chunk_size"),
+    ({"save_every_n_steps": -1}, "save_every_n_steps"),
+    ({"keep_last_n_checkpoints": 0}, "keep_last_n_checkpoints"),
+    ({"profile_steps": 0}, "profile_steps"),
+])
+def test_training_options_are_validated(overrides, field):
+    base = {"model": "llama_tiny", "tokenizer_path": "t", "dataset_path": "d"}
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        FullFinetuneParams(**base, **overrides)
