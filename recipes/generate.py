@@ -33,6 +33,7 @@ from mytune.errors import MytuneError, run_or_exit
 from mytune.generation import stream_generate
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, resolve_device, set_seed
+from mytune.training.recipe_state import latest_checkpoint
 from recipes.params.generate import GenerateParams
 
 # End-of-turn markers that chat templates write after each turn; a chat prompt stops at the ones it contains.
@@ -71,8 +72,12 @@ class GenerateRecipe:
 
     def load_checkpoint(self) -> None:
         p = self.params
-        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
-        self.model = load_hf_model(p.checkpoint_dir, device=self.device, dtype=self.dtype).eval()
+        # A training recipe's output_dir works too: its newest step_<N> checkpoint is used.
+        self.checkpoint_dir = Path(p.checkpoint_dir)
+        if not (self.checkpoint_dir / "config.json").is_file():
+            self.checkpoint_dir = latest_checkpoint(self.checkpoint_dir, require_recipe_state=False) or self.checkpoint_dir
+        self.tokenizer = load_tokenizer(p.tokenizer_path or self.checkpoint_dir)
+        self.model = load_hf_model(self.checkpoint_dir, device=self.device, dtype=self.dtype).eval()
         if self.tokenizer.vocab_size > self.model.args.vocab_size:
             raise MytuneError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
@@ -102,7 +107,7 @@ class GenerateRecipe:
         """eos ids from config.json and generation_config.json (instruct models list several)."""
         ids = []
         sources = [self.model.args.eos_token_id]
-        generation_config = Path(self.params.checkpoint_dir) / "generation_config.json"
+        generation_config = self.checkpoint_dir / "generation_config.json"
         if generation_config.is_file():
             try:
                 sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))

@@ -16,7 +16,7 @@ class GenerateParams:
     INPUT_PATHS: ClassVar[tuple[str, ...]] = ("checkpoint_dir", "tokenizer_path")
 
     # Model and tokenizer
-    checkpoint_dir: str = ""  # Hugging Face model directory (config.json + *.safetensors) to generate with
+    checkpoint_dir: str = ""  # Hugging Face model directory to generate with, or a recipe output_dir (its newest step_N)
     tokenizer_path: str = ""  # tokenizer file or directory; empty means the tokenizer files in checkpoint_dir
 
     # Prompt

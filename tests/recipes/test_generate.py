@@ -204,3 +204,12 @@ def test_messages_from_yaml_list(tmp_path):
     assert params.messages == [{"role": "system", "content": "Be brief, please."},
                                {"role": "user", "content": "Hi, there"}]
     assert params.is_chat
+
+
+def test_an_output_dir_means_its_newest_step_checkpoint(checkpoint, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, output_dir / "step_12")
+    (output_dir / "step_3").mkdir()  # an older step: must not be chosen
+    _, expected, _ = hf_reference(checkpoint)
+    texts = recipe.recipe_main(parse(write_config(tmp_path, prompt=PROMPT), f"checkpoint_dir={output_dir}"))
+    assert texts == [expected]
