@@ -15,9 +15,14 @@ Each checkpoint is written twice, in one step directory:
     output_dir/step_<N>/adapter/   the adapter alone in PEFT format: `PeftModel.from_pretrained(base, that dir)`
 A random start (`model=...`, the demo) has no base checkpoint on disk, so the recipe first saves it to
 `output_dir/base_model/` and the adapter's `base_model_name_or_path` points there.
+Each `step_<N>` also holds `recipe_state.pt` (optimizer, LR schedule, RNG, data position, step and epoch), so
+`resume_from_checkpoint=latest` continues the run exactly where it stopped: the frozen base is built as at the start
+(from checkpoint_dir, or the seeded random start) and the adapters are read back from `step_<N>/adapter/`, which
+holds the trainable tensors exactly (the merged weights would not). A checkpoint every `save_every_n_steps`; SIGTERM
+saves one and exits 0; a nan loss stops naming the last good checkpoint.
 """
 
-import json
+import dataclasses
 import math
 import os
 import re
@@ -29,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mytune.checkpoint import load_hf_model, save_hf_checkpoint, save_peft_adapter
+from mytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from mytune.config import TuneArgumentParser, find_missing_paths
 from mytune.data import (
     ResumableDataLoader,
@@ -41,12 +46,17 @@ from mytune.data import (
 )
 from mytune.errors import MytuneError, run_or_exit
 from mytune.models import TransformerDecoder, model_args
-from mytune.modules.lora import apply_lora, merge_lora, trainable_parameters
+from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, resolve_device, set_seed
-from mytune.training.loss import count_label_tokens, cross_entropy_sum
+from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing
+from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import JsonlMetricLogger
+from mytune.training.metrics import build_metric_loggers
+from mytune.training.optim import build_optimizer
+from mytune.training.profiling import maybe_profile, peak_memory_gib
+from mytune.training.recipe_state import latest_checkpoint, load_recipe_state, prune_checkpoints, save_recipe_state
+from mytune.training.safety import PreemptionHandler, check_finite
 from recipes.params.lora_finetune_single_device import LoRAFinetuneParams
 
 ADAPTER_DIR_NAME = "adapter"
@@ -61,11 +71,15 @@ class LoRAFinetuneRecipeSingleDevice:
         self.dtype = DTYPES[params.dtype]
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
+        self.epoch = 0
+        self.resume_dir = resume_dir(params)  # None: a fresh run
+        self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
+        self.last_saved_step = None
         set_seed(params.seed)
 
     def load_checkpoint(self) -> None:
         """Frozen base model as in the full recipe (the tokenizer is loaded by `setup`), then the adapters (seeded by
-        set_seed above)."""
+        set_seed above; a resumed run then reads them back from the step's `adapter/`, bit for bit)."""
         p = self.params
         if p.checkpoint_dir:
             # QLoRA reads the checkpoint into host memory: apply_lora below quantizes one layer at a time on the
@@ -94,6 +108,8 @@ class LoRAFinetuneRecipeSingleDevice:
             use_dora=p.use_dora, quantize_base=p.quantize_base, device=self.device,
         )
         self.model.to(self.device)  # the untargeted rest (embeddings, norms) when it was loaded on the CPU
+        if self.resume_dir is not None:
+            load_peft_adapter(self.model, self.resume_dir / ADAPTER_DIR_NAME)
 
     def setup(self) -> None:
         p = self.params
@@ -102,6 +118,11 @@ class LoRAFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        # Changes no parameter names or state-dict keys: checkpoints are the same with or without it.
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
+        self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
 
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
@@ -116,13 +137,20 @@ class LoRAFinetuneRecipeSingleDevice:
 
         # Only the adapters train: the frozen base gets neither gradients nor optimizer state.
         self.trainable = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=p.lr, weight_decay=p.weight_decay, fused=self.device.type == "cuda"
-        )
+        self.optimizer = build_optimizer(self.trainable, p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                         device=self.device)
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
         )
-        self.metric_logger = JsonlMetricLogger(self.output_dir / "metrics.jsonl")
+        if self.resume_dir is not None:
+            # Last: the RNG streams are set back to where the interrupted run was after its step.
+            state = load_recipe_state(self.resume_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
+            self.global_step, self.epoch = state.global_step, state.epoch
+            self.dataloader.load_state_dict(state.dataloader_state)
+            self.last_saved_step = self.global_step
+            print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
+        self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
+                                                  config=dataclasses.asdict(p))
         n_params = sum(t.numel() for t in self.model.parameters())
         n_trainable = sum(t.numel() for t in self.trainable)
         kind = ("QDoRA" if p.quantize_base else "DoRA") if p.use_dora else ("QLoRA" if p.quantize_base else "LoRA")
@@ -130,7 +158,7 @@ class LoRAFinetuneRecipeSingleDevice:
             f"lora_finetune_single_device: {kind} rank {p.lora_rank} on {', '.join(p.lora_target_modules)}: "
             f"{n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M params on {self.device} in {p.dtype}, "
             f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps} "
-            f"{'packed rows' if p.packed else 'samples'}",
+            f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
             flush=True,
         )
 
@@ -176,71 +204,92 @@ class LoRAFinetuneRecipeSingleDevice:
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate)
 
     def train(self) -> None:
+        """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
+        checkpoint every `save_every_n_steps`. On SIGTERM (preemption) it saves a checkpoint after the current step
+        and returns early: `recipe_main` then finds that checkpoint saved and the process exits 0."""
         p = self.params
-        progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True)
         tokens_since_log, seconds_since_log = 0, 0.0
-        for epoch in range(p.epochs):
-            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
-            batches = iter(self.dataloader)
-            for _ in range(self.steps_per_epoch):
-                step_start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
-                # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
-                num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-                num_input_tokens = 0
-                step_loss = 0.0
-                for batch in micro_batches:
-                    batch = {key: value.to(self.device) for key, value in batch.items()}
-                    logits = self.forward(batch)
-                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
-                if not torch.isfinite(torch.tensor(step_loss)):
-                    raise MytuneError(
-                        f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
-                        f"(now {p.lr}) or set max_grad_norm"
+        # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
+        first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
+        with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True) as progress,
+              PreemptionHandler() as preemption,
+              maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
+            for epoch in range(first_epoch, p.epochs):
+                self.epoch = epoch
+                self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+                batches = iter(self.dataloader)
+                for _ in range(self.steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
+                    step_start = time.perf_counter()
+                    metrics = self.train_step([next(batches) for _ in range(p.gradient_accumulation_steps)])
+                    profiler.step()
+
+                    seconds = time.perf_counter() - step_start
+                    tokens_since_log += metrics["num_tokens"]
+                    seconds_since_log += seconds
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['num_tokens'] / seconds:.0f}")
+                    last_step = self.global_step == self.total_steps
+                    evaluate = self.val_dataloader is not None and (
+                        last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
                     )
-                grad_norm = None
-                if p.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                self.global_step += 1
+                    if self.global_step % p.log_every_n_steps == 0 or last_step or evaluate:
+                        metrics.update(epoch=epoch, tokens_per_s=tokens_since_log / seconds_since_log,
+                                       num_tokens=tokens_since_log, peak_memory_gib=peak_memory_gib(self.device))
+                        if evaluate:  # not timed in tokens_per_s: that counts training steps only
+                            metrics.update(self.evaluate())
+                            progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                           f"val_perplexity {metrics['val_perplexity']:.2f}")
+                        self.metric_logger.log(metrics)
+                        tokens_since_log, seconds_since_log = 0, 0.0
+                    if preemption.should_stop:
+                        progress.write(f"{preemption.received.name} at step {self.global_step}: saving a checkpoint "
+                                       f"and stopping (resume with resume_from_checkpoint=latest)")
+                        self.save_checkpoint()
+                        return
+                    if not last_step and p.save_every_n_steps > 0 and self.global_step % p.save_every_n_steps == 0:
+                        self.save_checkpoint()
 
-                seconds = time.perf_counter() - step_start
-                tokens_since_log += num_input_tokens
-                seconds_since_log += seconds
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{num_input_tokens / seconds:.0f}")
-                last_step = self.global_step == self.total_steps
-                evaluate = self.val_dataloader is not None and (
-                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
-                )
-                if self.global_step % p.log_every_n_steps == 0 or last_step or evaluate:
-                    metrics = {
-                        "step": self.global_step,
-                        "epoch": epoch,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tokens_since_log / seconds_since_log,
-                        "num_tokens": tokens_since_log,
-                    }
-                    if evaluate:  # not timed in tokens_per_s: that counts training steps only
-                        metrics.update(self.evaluate())
-                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
-                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
-                    self.metric_logger.log(metrics)
-                    tokens_since_log, seconds_since_log = 0, 0.0
-        progress.close()
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over `micro_batches` (gradient accumulation); returns its metrics."""
+        p = self.params
+        # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
+        num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        num_input_tokens = 0
+        step_loss = 0.0
+        for batch in micro_batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+                loss = self.loss_sum(batch) / max(num_label_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+            num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
+        lr = self.lr_scheduler.get_last_lr()[0]
+        # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        grad_norm = None
+        if p.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        return {"step": self.global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "num_tokens": num_input_tokens}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
-        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
-                          document_ids=batch.get("document_ids"))
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of a batch (float32). Packed rows also pass their position and document ids.
+
+        With `chunked_loss` the model returns its final hidden states and the output projection runs inside the
+        loss, `loss_chunk_size` tokens at a time, so the `[batch, seq, vocab]` logits never exist at once. When
+        lm_head is a LoRA target the loss is unchunked (the projection must go through the adapter).
+        """
+        p = self.params
+        kwargs = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        if self.chunked_loss:
+            hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
+            return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
+                                             chunk_size=p.loss_chunk_size)
+        return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches) and its perplexity."""
@@ -252,7 +301,7 @@ class LoRAFinetuneRecipeSingleDevice:
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
                 batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
         val_loss = loss_sum / max(num_label_tokens, 1)
@@ -260,14 +309,18 @@ class LoRAFinetuneRecipeSingleDevice:
                 "val_tokens": num_label_tokens}
 
     def save_checkpoint(self) -> Path:
-        """`output_dir/step_<N>`: the merged Hugging Face checkpoint plus recipe_state.json (the step and the data
-        loader's position), and in it `adapter/`, the PEFT adapter.
+        """`output_dir/step_<N>`: the merged Hugging Face checkpoint, in it `adapter/` (the PEFT adapter), then
+        `recipe_state.pt` (optimizer, LR schedule, RNG, data position, step, epoch) via a temporary file and a
+        rename: a `step_<N>` with recipe_state.pt is complete. Keeps the newest `keep_last_n_checkpoints`. Saving
+        the same step twice (a preemption right after a periodic save) writes nothing.
 
         Merging leaves the training model untouched; the merged weights are built on the CPU one layer at a time,
         so saving needs no second copy of the targeted weights on the accelerator. Both directories appear atomically.
         """
         p = self.params
         out_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_saved_step == self.global_step and out_dir.is_dir():
+            return out_dir
         merged = merge_lora(self.model, device="cpu")
         save_hf_checkpoint(merged, out_dir, dtype=self.dtype, tokenizer_files=self.tokenizer.files)
         del merged
@@ -276,8 +329,12 @@ class LoRAFinetuneRecipeSingleDevice:
             targets=p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
             use_dora=p.use_dora,
         )
-        state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
-        (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                          dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
+                          epoch=self.epoch)
+        self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
+        if p.keep_last_n_checkpoints is not None:
+            prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
         print(f"saved merged checkpoint to {out_dir} and the PEFT adapter to {out_dir / ADAPTER_DIR_NAME}", flush=True)
         return out_dir
 
@@ -296,6 +353,25 @@ def is_hub_dataset(value: str) -> bool:
     """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
     local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
+
+
+def resume_dir(params) -> Path | None:
+    """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
+    complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
+    value = params.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        found = latest_checkpoint(params.output_dir)
+        if found is None:
+            print(f"resume_from_checkpoint=latest: no complete step_<N> in {params.output_dir}; starting fresh",
+                  flush=True)
+        return found
+    path = Path(value)
+    if not (path / "recipe_state.pt").is_file() or not (path / ADAPTER_DIR_NAME).is_dir():
+        raise MytuneError(f"resume_from_checkpoint={value!r} is not a resumable checkpoint (a step_<N> directory "
+                          f"with recipe_state.pt and {ADAPTER_DIR_NAME}/); use latest for the newest one in output_dir")
+    return path
 
 
 def recipe_main(params: LoRAFinetuneParams) -> Path:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from mytune.checkpoint import load_hf_model, load_peft_adapter
 from mytune.config import TuneArgumentParser
+from mytune.errors import MytuneError
 from mytune.training.metrics import read_metrics
 from recipes import lora_finetune_single_device as recipe
 from recipes.params.lora_finetune_single_device import LoRAFinetuneParams
@@ -96,3 +97,64 @@ def test_unknown_target_is_a_one_line_config_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown module name 'mlp_proj'" in err[0] and "known: q_proj" in err[0], err
+
+
+RESUME_RUN = ["max_seq_len=128", "max_steps_per_epoch=6", "epochs=2", "save_every_n_steps=4", "dtype=fp32",
+              "lr_scheduler=cosine", "warmup_steps=2", "keep_last_n_checkpoints=null"]
+
+
+def test_resume_from_step_4_gives_bitwise_the_same_losses(tmp_path, capsys):
+    """12 steps saving every 4; a second run resumed from step_4 (adapters from its adapter/, optimizer, LR schedule,
+    data position, RNG) logs bitwise the uninterrupted run's losses for steps 5..12 (CPU, fp32)."""
+    reference_out = tmp_path / "reference"
+    recipe.recipe_main(demo_params(reference_out, *RESUME_RUN))
+    expected = {r["step"]: r["loss"] for r in read_metrics(reference_out / "metrics.jsonl")}
+    assert sorted(expected) == list(range(1, 13))
+    assert sorted(p.name for p in reference_out.glob("step_*")) == ["step_12", "step_4", "step_8"]
+    assert (reference_out / "step_4" / "recipe_state.pt").is_file()
+    assert (reference_out / "step_4" / "adapter" / "adapter_model.safetensors").is_file()
+
+    resumed_out = tmp_path / "resumed"
+    step_dir = recipe.recipe_main(demo_params(resumed_out, *RESUME_RUN, "keep_last_n_checkpoints=1",
+                                              f"resume_from_checkpoint={reference_out / 'step_4'}"))
+    assert "at step 4" in capsys.readouterr().out
+    resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_out / "metrics.jsonl")}
+    assert resumed == {step: loss for step, loss in expected.items() if step > 4}  # bitwise: == on floats
+    assert step_dir == resumed_out / "step_12" and [p.name for p in resumed_out.glob("step_*")] == ["step_12"]
+    # The final adapters are the same tensors as the uninterrupted run's.
+    a = load_file(reference_out / "step_12" / "adapter" / "adapter_model.safetensors")
+    b = load_file(step_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_naming_the_last_good_checkpoint(tmp_path):
+    params = demo_params(tmp_path, "max_seq_len=64", "max_steps_per_epoch=4", "epochs=1", "dtype=fp32", "lr=1e30",
+                         "warmup_steps=0", "lr_scheduler=constant", "save_every_n_steps=1", "max_grad_norm=null")
+    with pytest.raises(MytuneError) as err:
+        recipe.recipe_main(params)
+    message = str(err.value)
+    assert "training diverged" in message and "lower lr (now 1e+30)" in message, message
+    last_good = Path(message.split("the last good checkpoint is ")[1].split()[0])
+    assert (last_good / "recipe_state.pt").is_file() and (last_good / "adapter").is_dir()
+    assert last_good == sorted(tmp_path.glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+
+
+def test_resume_from_a_path_that_is_no_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(MytuneError, match="is not a resumable checkpoint"):
+        recipe.recipe_main(demo_params(tmp_path / "out", f"resume_from_checkpoint={tmp_path}"))
+
+
+def test_chunked_loss_is_used_only_without_an_adapter_on_lm_head(tmp_path):
+    params = demo_params(tmp_path, "max_seq_len=64", "max_steps_per_epoch=1", "epochs=1", "dtype=fp32",
+                         "lora_target_modules=[q_proj,v_proj]", "chunked_loss=true", "activation_checkpointing=true",
+                         "metric_loggers=[jsonl,stdout]")
+    r = recipe.LoRAFinetuneRecipeSingleDevice(params)
+    r.setup()
+    assert r.chunked_loss
+    r.train()
+    r.cleanup()
+    assert "peak_memory_gib" in read_metrics(tmp_path / "metrics.jsonl")[0]
+    params = demo_params(tmp_path / "head", "max_seq_len=64", "max_steps_per_epoch=1", "epochs=1", "chunked_loss=true")
+    r = recipe.LoRAFinetuneRecipeSingleDevice(params)
+    r.setup()
+    assert not r.chunked_loss  # tiny_demo targets lm_head: the loss goes through its adapter, unchunked
