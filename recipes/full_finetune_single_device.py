@@ -17,7 +17,6 @@ exactly where it stopped: the same losses as a run that was never interrupted.
 import dataclasses
 import math
 import os
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -307,12 +306,6 @@ def report_dataset(field: str, dataset) -> None:
         print(f"  skipped {message}", flush=True)
 
 
-def is_hub_dataset(value: str) -> bool:
-    """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
-    local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
-
-
 def resume_dir(params) -> Path | None:
     """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
     complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
@@ -336,8 +329,7 @@ def recipe_main(params: FullFinetuneParams) -> Path:
     """Run the whole recipe; returns the directory of the saved checkpoint."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MytuneError("full_finetune_single_device runs on one device; use full_finetune_distributed under torchrun")
-    hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
-    missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
+    missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
     if missing:
         raise MytuneError(missing[0])
     recipe = FullFinetuneRecipeSingleDevice(params)

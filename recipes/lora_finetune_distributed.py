@@ -20,7 +20,6 @@ QLoRA (`quantize_base`) is single-device only: NF4 base weights are not sharded 
 
 import json
 import math
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -382,17 +381,10 @@ def report_dataset(field: str, dataset) -> None:
         print(f"  skipped {message}", flush=True)
 
 
-def is_hub_dataset(value: str) -> bool:
-    """`owner/name` that is no local path: `build_sft_dataset` loads it from the Hugging Face hub."""
-    local_file = Path(value).suffix in (".json", ".jsonl", ".csv", ".txt", ".parquet")
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
-
-
 def recipe_main(params: LoRAFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved (merged) checkpoint, the adapter in
     its `adapter/`."""
-    hub_fields = [name for name in params.HUB_DATASET_FIELDS if is_hub_dataset(getattr(params, name))]
-    missing = [message for message in find_missing_paths(params) if message.split(":")[0] not in hub_fields]
+    missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
     if missing:
         raise MytuneError(missing[0])
     recipe = LoRAFinetuneRecipeDistributed(params)

@@ -1,6 +1,7 @@
 """Check, before any heavy work, that the input paths a params object names exist."""
 
 import os
+import re
 from pathlib import Path
 
 from mytune.config.docs import field_docs
@@ -10,11 +11,9 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
 
 
 def looks_like_hub_dataset(value: str) -> bool:
-    """`owner/name` (or `name`) that is no local path and no data file name: a Hugging Face hub dataset."""
-    if Path(value).exists() or Path(value).suffix in DATA_FILE_SUFFIXES or value.startswith(("/", ".", "~")):
-        return False
-    parts = value.split("/")
-    return len(parts) <= 2 and all(part.strip() for part in parts) and "\\" not in value
+    """`owner/name` that is no local path and no data file name: a Hugging Face hub dataset."""
+    local_file = Path(value).suffix in DATA_FILE_SUFFIXES
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not local_file and not Path(value).exists()
 
 
 def find_missing_paths(params: object) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 from mytune.checkpoint import load_hf_model
 from mytune.config import TuneArgumentParser
+from mytune.config.paths import looks_like_hub_dataset
 from mytune.errors import ConfigError, MytuneError
 from mytune.training.metrics import read_metrics
 from recipes import full_finetune_single_device as recipe
@@ -237,8 +238,8 @@ def test_truncation_keeps_long_samples_cut_to_max_seq_len(tmp_path, capsys):
 def test_hub_dataset_names_are_not_missing_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # if `datasets` is installed: fail at once, no network
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert recipe.is_hub_dataset("tatsu-lab/alpaca") and recipe.is_hub_dataset("teknium/OpenHermes-2.5")
-    assert not recipe.is_hub_dataset("data/train.jsonl") and not recipe.is_hub_dataset("/abs/alpaca")
+    assert looks_like_hub_dataset("tatsu-lab/alpaca") and looks_like_hub_dataset("teknium/OpenHermes-2.5")
+    assert not looks_like_hub_dataset("data/train.jsonl") and not looks_like_hub_dataset("/abs/alpaca")
     params = demo_params(tmp_path, "dataset_path=someone/some_dataset")
     with pytest.raises(MytuneError, match="someone/some_dataset") as error:
         recipe.recipe_main(params)  # goes to the hub loader (here: `datasets` is missing or the hub is offline)
