@@ -14,11 +14,16 @@ Each checkpoint is written twice, in one step directory, by rank 0 after every r
     output_dir/step_<N>/           the merged model, a Hugging Face checkpoint (base + adapter folded into the weights)
     output_dir/step_<N>/adapter/   the adapter alone in PEFT format: `PeftModel.from_pretrained(base, that dir)`
 A random start (`model=...`, the demo) has no base checkpoint on disk, so rank 0 first saves it to
-`output_dir/base_model/` and the adapter's `base_model_name_or_path` points there.
-QLoRA (`quantize_base`) is single-device only: NF4 base weights are not sharded here.
+`output_dir/base_model/` and the adapter's `base_model_name_or_path` points there. The adapter is written in float32
+(the adapters' master weights; a few MB), so a resumed bf16 run continues from exactly the trained adapters.
+Each `step_<N>` also holds `recipe_state.pt` (the full, unsharded optimizer state of the adapters, LR schedule, RNG,
+data position, step and epoch), so `resume_from_checkpoint=latest` continues the run where it stopped, also on
+another number of processes: the frozen base is built as at the start and the adapters are read back from
+`step_<N>/adapter/`. A checkpoint every `save_every_n_steps`, keeping the newest `keep_last_n_checkpoints`; SIGTERM
+to any rank saves one and exits 0; a nan loss stops naming the last good checkpoint.
 """
 
-import json
+import dataclasses
 import math
 import time
 from functools import partial
@@ -28,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint, save_peft_adapter
+from mytune.checkpoint import load_hf_model, load_peft_adapter, read_hf_config, save_hf_checkpoint, save_peft_adapter
 from mytune.config import TuneArgumentParser, find_missing_paths
 from mytune.data import (
     ResumableDataLoader,
@@ -40,13 +45,18 @@ from mytune.data import (
 )
 from mytune.errors import MytuneError, run_or_exit
 from mytune.models import ModelArgs, TransformerDecoder, model_args
-from mytune.modules.lora import apply_lora, merge_lora, trainable_parameters
+from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
 from mytune.training.device import set_seed
-from mytune.training.loss import IGNORE_INDEX, count_label_tokens, cross_entropy_sum
+from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.loss import IGNORE_INDEX, chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import JsonlMetricLogger
+from mytune.training.metrics import build_metric_loggers
+from mytune.training.optim import build_optimizer
+from mytune.training.profiling import maybe_profile, peak_memory_gib
+from mytune.training.recipe_state import latest_checkpoint, load_recipe_state, prune_checkpoints, save_recipe_state
+from mytune.training.safety import PreemptionHandler, check_finite
 from recipes.params.lora_finetune_distributed import LoRAFinetuneDistributedParams
 
 ADAPTER_DIR_NAME = "adapter"
@@ -63,6 +73,20 @@ class LoRAFinetuneRecipeDistributed:
         self.output_dir = Path(params.output_dir)
         self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
         self.global_step = 0
+        self.epoch = 0
+        # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
+        box = [None, None]
+        if self.is_rank_zero:
+            try:
+                box[0] = resume_dir(params)
+            except MytuneError as err:
+                box[1] = str(err)
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise MytuneError(box[1])
+        self.resume_dir = box[0]
+        self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
+        self.last_saved_step = None
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and adapters, and the data order
 
     def load_checkpoint(self) -> None:
@@ -70,8 +94,9 @@ class LoRAFinetuneRecipeDistributed:
 
         From `checkpoint_dir`, or a seeded random `model` (saved to `output_dir/base_model` for the adapter to name).
         Rank 0 builds the whole float32 LoRA model on the CPU (base, then `apply_lora`, seeded like the single-device
-        recipe) and keeps its state dict; the other ranks only learn the shapes. Every rank then builds the LoRA model
-        on the meta device, shards it and receives its shards. Weights stay float32 with dtype=bf16 too: the FSDP
+        recipe) and keeps its state dict; a resumed run then reads the trained adapters back from the step's
+        `adapter/` into it. The other ranks only learn the shapes. Every rank then builds the LoRA model on the meta
+        device, shards it and receives its shards. Weights stay float32 with dtype=bf16 too: the FSDP
         mixed-precision policy casts them for compute.
         """
         p = self.params
@@ -94,15 +119,23 @@ class LoRAFinetuneRecipeDistributed:
             if p.checkpoint_dir:
                 cpu_model = load_hf_model(p.checkpoint_dir, device="cpu", dtype=torch.float32)
             else:
-                cpu_model = TransformerDecoder(args)
-                save_hf_checkpoint(cpu_model, self.base_model_path, dtype=self.save_dtype,
-                                   tokenizer_files=self.tokenizer.files)
+                cpu_model = TransformerDecoder(args)  # seeded: a resumed run rebuilds the same base
+                if self.resume_dir is None or not self.base_model_path.is_dir():
+                    save_hf_checkpoint(cpu_model, self.base_model_path, dtype=self.save_dtype,
+                                       tokenizer_files=self.tokenizer.files)
             self.apply_lora(cpu_model)
+            if self.resume_dir is not None:
+                load_peft_adapter(cpu_model, self.resume_dir / ADAPTER_DIR_NAME)
             full_state_dict = cpu_model.state_dict()
             del cpu_model
         with torch.device("meta"):
             self.model = TransformerDecoder(args)
         self.apply_lora(self.model)  # the same modules on the meta device (nothing allocated, no random numbers)
+        # Before sharding; neither changes parameter names or state-dict keys.
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if p.compile:
+            compile_layers(self.model)
         # Each decoder layer is one FSDP unit holding its frozen weights and trainable adapters: FSDP2 reduces
         # gradients for the parameters that have them only.
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload)
@@ -121,6 +154,8 @@ class LoRAFinetuneRecipeDistributed:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
+        self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
 
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
@@ -135,15 +170,24 @@ class LoRAFinetuneRecipeDistributed:
 
         # Only the adapters train: the frozen base gets neither gradients nor optimizer state.
         self.trainable = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=p.lr, weight_decay=p.weight_decay,
-            fused=self.device.type == "cuda" and not p.cpu_offload,
-        )
+        self.optimizer = build_optimizer(self.trainable, p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                         device=self.device)  # not fused with cpu_offload: parameters on the CPU
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
         )
+        if self.resume_dir is not None:
+            # Every rank (a collective): rank 0 reads the file and scatters the optimizer state into the shards.
+            # Last: the RNG streams are set back to where the interrupted run was after its step.
+            state = load_recipe_state(self.resume_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                      model=self.model)
+            self.global_step, self.epoch = state.global_step, state.epoch
+            self.dataloader.load_state_dict(state.dataloader_state)
+            self.last_saved_step = self.global_step
+            if self.is_rank_zero:
+                print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
         if self.is_rank_zero:
-            self.metric_logger = JsonlMetricLogger(self.output_dir / "metrics.jsonl")
+            self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
+                                                      config=dataclasses.asdict(p))
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
             n_trainable = sum(t.numel() for t in self.trainable)
             print(
@@ -151,7 +195,7 @@ class LoRAFinetuneRecipeDistributed:
                 f"{', '.join(p.lora_target_modules)}: {n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M "
                 f"params sharded over {self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, "
                 f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
-                f"{'packed rows' if p.packed else 'samples'}",
+                f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
                 flush=True,
             )
 
@@ -223,76 +267,100 @@ class LoRAFinetuneRecipeDistributed:
                                              collate_fn=collate)
 
     def train(self) -> None:
+        """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
+        checkpoint every `save_every_n_steps`. On SIGTERM to any rank (preemption) every rank stops after the same
+        step, they save a checkpoint together and return early: `recipe_main` then finds it saved, exit 0."""
+        p = self.params
+        # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
+        first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
+        with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+                   disable=not self.is_rank_zero) as progress,
+              PreemptionHandler() as preemption,
+              maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
+            for epoch in range(first_epoch, p.epochs):
+                self.epoch = epoch
+                self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+                batches = iter(self.dataloader)
+                for _ in range(self.steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
+                    step_start = time.perf_counter()
+                    metrics = self.train_step([next(batches) for _ in range(p.gradient_accumulation_steps)])
+                    profiler.step()
+
+                    seconds = time.perf_counter() - step_start
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                    last_step = self.global_step == self.total_steps
+                    evaluate = self.val_dataloader is not None and (
+                        last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                    )
+                    metrics.update(epoch=epoch, tokens_per_s=tokens_per_s, peak_memory_gib=peak_memory_gib(self.device))
+                    if evaluate:  # on every rank: the sharded forwards are collectives
+                        metrics.update(self.evaluate())
+                        if self.is_rank_zero:
+                            progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
+                                           f"val_perplexity {metrics['val_perplexity']:.2f}")
+                    if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
+                        self.metric_logger.log(metrics)
+                    if preemption.should_stop_on_any_rank(self.device):  # a collective: every rank, every step
+                        if self.is_rank_zero:
+                            progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
+                                           f"stopping (resume with resume_from_checkpoint=latest)")
+                        self.save_checkpoint()
+                        return
+                    if not last_step and p.save_every_n_steps > 0 and self.global_step % p.save_every_n_steps == 0:
+                        self.save_checkpoint()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
+        are the same on every rank (loss and token counts summed over the ranks)."""
         p = self.params
         world_size = self.dist.world_size
-        progress = tqdm(total=self.total_steps, desc="train", dynamic_ncols=True, disable=not self.is_rank_zero)
-        for epoch in range(p.epochs):
-            self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
-            batches = iter(self.dataloader)
-            for _ in range(self.steps_per_epoch):
-                step_start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
-                # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
-                local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-                local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
-                num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
-                    [local_label_tokens, local_input_tokens], self.device
-                )
-                local_loss = 0.0
-                for batch in micro_batches:
-                    batch = {key: value.to(self.device) for key, value in batch.items()}
-                    logits = self.forward(batch)
-                    loss = cross_entropy_sum(logits, batch["labels"]) / max(num_label_tokens, 1)
-                    # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-                    # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
-                    (loss * world_size).backward()
-                    local_loss += loss.item()
-                (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
-                if not torch.isfinite(torch.tensor(step_loss)):
-                    raise MytuneError(
-                        f"loss is {step_loss} at step {self.global_step + 1}: training diverged; lower lr "
-                        f"(now {p.lr}) or set max_grad_norm"
-                    )
-                grad_norm = None
-                if p.max_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                self.global_step += 1
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device
+        )
+        local_loss = 0.0
+        for batch in micro_batches:
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+                loss = self.loss_sum(batch) / max(num_label_tokens, 1)
+            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
+            (loss * world_size).backward()
+            local_loss += loss.item()
+        (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        # The same value on every rank, so all ranks raise together; before the optimizer step.
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        grad_norm = None
+        if p.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        return {"step": self.global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "num_tokens": int(num_input_tokens)}
 
-                seconds = time.perf_counter() - step_start
-                tokens_per_s = num_input_tokens / seconds  # all ranks' tokens: the job's throughput
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                last_step = self.global_step == self.total_steps
-                evaluate = self.val_dataloader is not None and (
-                    last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
-                )
-                metrics = {
-                    "step": self.global_step,
-                    "epoch": epoch,
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "num_tokens": int(num_input_tokens),
-                }
-                if evaluate:  # on every rank: the sharded forwards are collectives
-                    metrics.update(self.evaluate())
-                    if self.is_rank_zero:
-                        progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
-                                       f"val_perplexity {metrics['val_perplexity']:.2f}")
-                if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
-                    self.metric_logger.log(metrics)
-        progress.close()
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token loss of this rank's batch (float32). Packed rows also pass position and document ids.
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of a batch; packed rows also pass their position and document ids (None for unpacked batches)."""
-        return self.model(batch["tokens"], position_ids=batch.get("position_ids"),
-                          document_ids=batch.get("document_ids"))
+        With `chunked_loss` the model returns its final hidden states and the output projection runs inside the
+        loss, `loss_chunk_size` tokens at a time. FSDP keeps the root's parameters (the head among them) gathered
+        from the root's forward until its backward, so `lm_head.weight` is the full weight here. When lm_head is a
+        LoRA target the loss is unchunked (the projection must go through the adapter).
+        """
+        p = self.params
+        kwargs = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        if self.chunked_loss:
+            hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
+            return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
+                                             chunk_size=p.loss_chunk_size)
+        return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
@@ -313,7 +381,7 @@ class LoRAFinetuneRecipeDistributed:
                 positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
                 batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss_sum += cross_entropy_sum(self.forward(batch), batch["labels"]).item()
+                loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
         loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
@@ -322,14 +390,19 @@ class LoRAFinetuneRecipeDistributed:
                 "val_tokens": int(num_label_tokens)}
 
     def save_checkpoint(self) -> Path:
-        """`output_dir/step_<N>`: the merged Hugging Face checkpoint plus recipe_state.json (the step and the data
-        loader's position), and in it `adapter/`, the PEFT adapter.
+        """`output_dir/step_<N>`: the merged Hugging Face checkpoint, in it `adapter/` (the PEFT adapter, float32),
+        then `recipe_state.pt` (via a temporary file and a rename: a `step_<N>` with recipe_state.pt is complete).
 
         Every rank gathers the full state dict (a collective) onto the CPU; rank 0 rebuilds the LoRA model from it
-        and writes both directories (each atomically), the merged one built a layer at a time on the CPU.
+        and writes both directories (each atomically), the merged one built a layer at a time on the CPU. Then every
+        rank gathers the adapters' sharded optimizer state and rank 0 writes it with the rest of the recipe state and
+        keeps the newest `keep_last_n_checkpoints`. Saving the same step twice (a preemption right after a periodic
+        save) writes nothing.
         """
         p = self.params
         out_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_saved_step == self.global_step:
+            return out_dir
         full_model = self.gather_full_lora_model()
         if self.is_rank_zero:
             merged = merge_lora(full_model)
@@ -339,13 +412,18 @@ class LoRAFinetuneRecipeDistributed:
             save_peft_adapter(
                 full_model, out_dir / ADAPTER_DIR_NAME, base_model_name_or_path=str(self.base_model_path),
                 targets=p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
-                use_dora=p.use_dora, dtype=self.save_dtype,
+                use_dora=p.use_dora, dtype=torch.float32,
             )
-            state = {"global_step": self.global_step, "dataloader": self.dataloader.state_dict()}
-            (out_dir / "recipe_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        del full_model
+        save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, model=self.model,
+                          dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
+                          epoch=self.epoch)
+        self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
+        if self.is_rank_zero:
+            if p.keep_last_n_checkpoints is not None:
+                prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
             print(f"saved merged checkpoint to {out_dir} and the PEFT adapter to {out_dir / ADAPTER_DIR_NAME}",
                   flush=True)
-        del full_model
         distributed.barrier()  # no rank returns before the checkpoint exists
         return out_dir
 
@@ -381,14 +459,33 @@ def report_dataset(field: str, dataset) -> None:
         print(f"  skipped {message}", flush=True)
 
 
+def resume_dir(params) -> Path | None:
+    """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
+    complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
+    value = params.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        found = latest_checkpoint(params.output_dir)
+        if found is None:
+            print(f"resume_from_checkpoint=latest: no complete step_<N> in {params.output_dir}; starting fresh",
+                  flush=True)
+        return found
+    path = Path(value)
+    if not (path / "recipe_state.pt").is_file() or not (path / ADAPTER_DIR_NAME).is_dir():
+        raise MytuneError(f"resume_from_checkpoint={value!r} is not a resumable checkpoint (a step_<N> directory "
+                          f"with recipe_state.pt and {ADAPTER_DIR_NAME}/); use latest for the newest one in output_dir")
+    return path
+
+
 def recipe_main(params: LoRAFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved (merged) checkpoint, the adapter in
     its `adapter/`."""
     missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
     if missing:
         raise MytuneError(missing[0])
-    recipe = LoRAFinetuneRecipeDistributed(params)
     try:
+        recipe = LoRAFinetuneRecipeDistributed(params)
         recipe.setup()
         recipe.train()
         out_dir = recipe.save_checkpoint()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sized
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mytune.errors import MytuneError
@@ -130,6 +131,9 @@ class ResumableDataLoader:
         self.batch_size = batch_size
         self.sampler = sampler
         self.drop_last = drop_last
+        # Its own generator: every `iter(DataLoader)` draws a worker base seed from `generator`, which would
+        # otherwise be the global torch RNG, so a resumed run (one more iterator) would draw other dropout masks.
+        loader_kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                                   num_workers=num_workers, drop_last=drop_last, **loader_kwargs)
 

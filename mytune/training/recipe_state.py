@@ -58,10 +58,15 @@ def save_recipe_state(
 
     Under FSDP pass `model`: the sharded optimizer state is gathered to rank 0 as a full, parameter-name-keyed state
     dict (a collective: every rank calls this) and only rank 0 writes, so a run can resume on another number of
-    ranks. Without `model`, `optimizer.state_dict()` is saved as is.
+    ranks. Every rank's RNG states are gathered too (ranks draw different dropout masks), so a resume on the same
+    number of ranks restores each rank's own streams. Without `model`, `optimizer.state_dict()` is saved as is.
     """
     checkpoint_dir = Path(checkpoint_dir)
     _check_weights_only_loadable({"dataloader_state": dataloader_state, "extra": extra or {}})
+    rng_per_rank = None
+    if model is not None and torch.distributed.is_initialized():
+        rng_per_rank = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rng_per_rank, _rng_state())
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -80,6 +85,7 @@ def save_recipe_state(
         "optimizer_full_state_dict": model is not None,
         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
         "rng": _rng_state(),
+        "rng_per_rank": rng_per_rank,
         "dataloader_state": dataloader_state,
         "extra": dict(extra or {}),
     }
@@ -138,7 +144,11 @@ def load_recipe_state(
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if restore_rng:
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        same_world = distributed and per_rank is not None and len(per_rank) == torch.distributed.get_world_size()
+        # On another number of ranks, every rank continues rank 0's streams (dropout masks then differ from the
+        # interrupted run; everything else resumes exactly).
+        _set_rng_state(per_rank[_rank()] if same_world else state["rng"])
     return RecipeState(global_step=state["global_step"], epoch=state["epoch"],
                        dataloader_state=state["dataloader_state"], extra=state["extra"])
 

@@ -61,18 +61,34 @@ class LoRAFinetuneDistributedParams:
     max_steps_per_epoch: int | None = None  # stop an epoch after this many optimizer steps (null: whole epoch)
     batch_size: int = 2  # samples per micro-batch on each process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-4  # peak learning rate of AdamW (adapters only)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    optimizer: Literal["adamw", "sgd", "adamw8bit", "adamw4bit"] = "adamw"  # adamw8bit/adamw4bit: torchao low-bit state
+    lr: float = 3e-4  # peak learning rate (adapters only)
+    weight_decay: float = 0.0  # decoupled weight decay
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup
     max_grad_norm: float | None = 1.0  # clip the adapters' global gradient norm to this (null: no clipping)
+
+    # Memory and speed
+    chunked_loss: bool = True  # output projection + cross-entropy loss_chunk_size tokens at a time (no full logits); unchunked when lm_head is a LoRA target
+    loss_chunk_size: int = 1024  # tokens per chunk of the chunked loss
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, ~+33% compute)
+    activation_offloading: bool = False  # keep saved activations in CPU memory until the backward (GPU runs)
+    compile: bool = False  # torch.compile each decoder layer (CPU needs a C++ compiler)
+
+    # Checkpoints and resuming: output_dir/step_<N>/ holds the merged HF files, adapter/ and recipe_state.pt
+    save_every_n_steps: int = 0  # optimizer steps between checkpoints (0: only after the last step)
+    keep_last_n_checkpoints: int | None = None  # delete older step_<N> directories after each save (null: keep all)
+    resume_from_checkpoint: str = ""  # "" = a fresh run; latest = the newest complete step_<N> of output_dir (fresh if none); or a step_<N> path
 
     # Precision, device, reproducibility, logging
     dtype: Literal["bf16", "fp32"] = "bf16"  # compute and save dtype; the sharded base, adapters, their grads and AdamW state stay fp32
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
     seed: int = 0  # seeds model init, adapter init, data order and dropout
-    log_every_n_steps: int = 1  # optimizer steps between metrics.jsonl lines
+    log_every_n_steps: int = 1  # optimizer steps between metrics lines
+    metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
+    profile: bool = False  # PyTorch profiler trace of a few steps in output_dir/profile/ (rank 0)
+    profile_steps: int = 3  # optimizer steps recorded by the profiler (after 1 skipped and 1 warm-up step)
 
     def __post_init__(self) -> None:
         if not self.checkpoint_dir and not self.model:
@@ -83,7 +99,8 @@ class LoRAFinetuneDistributedParams:
             raise ConfigError("tokenizer_path is empty and there is no checkpoint_dir to take the tokenizer from: set tokenizer_path=...")
         if not self.output_dir:
             raise ConfigError("output_dir is empty: set output_dir=<directory for checkpoints and metrics>")
-        for name in ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps", "lora_rank"):
+        for name in ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
+                     "lora_rank", "loss_chunk_size", "profile_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -98,6 +115,15 @@ class LoRAFinetuneDistributedParams:
             raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
         if self.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.save_every_n_steps < 0:
+            raise ConfigError(f"save_every_n_steps must be >= 0 (0: only after the last step), got {self.save_every_n_steps}")
+        if self.keep_last_n_checkpoints is not None and self.keep_last_n_checkpoints < 1:
+            raise ConfigError(f"keep_last_n_checkpoints must be >= 1 or null (keep all), got {self.keep_last_n_checkpoints}")
+        from mytune.training.metrics import check_metric_loggers  # here: importing the params stays torch-free
+        from mytune.training.optim import check_optimizer
+
+        check_optimizer(self.optimizer)
+        check_metric_loggers(self.metric_loggers)
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:

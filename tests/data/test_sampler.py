@@ -110,3 +110,15 @@ def test_partial_last_batch_is_counted_without_drop_last():
     assert len(loader) == 3
     assert [len(b["tokens"]) for b in loader] == [3, 3, 1]
     assert loader.sampler.consumed == 7 and list(loader.sampler) == []
+
+
+def test_iterating_leaves_the_global_rng_alone():
+    """A resumed run creates one more iterator than the uninterrupted run; neither may move the global torch RNG
+    (dropout masks come from it)."""
+    loader = ResumableDataLoader(list(range(12)), batch_size=2, sampler=ResumableSampler(12, rank=0, world_size=1))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    for _ in range(3):
+        next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)

@@ -101,8 +101,11 @@ def test_rank_zero_writes_merged_checkpoint_and_a_peft_adapter_with_the_same_log
     assert result.stdout.count("saved merged checkpoint to") == 1  # rank 0 only logs
     assert result.stdout.count("dataset_path: 2000 samples") == 1 and result.stdout.count("val_loss") == 2
     step_dir = out / f"step_{STEPS}"
-    state = json.loads((step_dir / "recipe_state.json").read_text())
-    assert state["dataloader"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
+    state = torch.load(step_dir / "recipe_state.pt", weights_only=True)
+    assert state["global_step"] == STEPS and state["optimizer_full_state_dict"]
+    assert state["dataloader_state"]["consumed"] == STEPS * 2 * 2 * 2  # steps x accumulation x batch x ranks
+    # The gathered AdamW state holds the adapters only, keyed by parameter name.
+    assert state["optimizer"]["state"] and all(".lora_" in name for name in state["optimizer"]["state"])
     config = json.loads((step_dir / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((out / "base_model").resolve()) and config["r"] == 8
     assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -146,7 +149,7 @@ def test_bf16_dora_keeps_fp32_sharded_params_trains_adapters_only_as_a_world_of_
         destroy_distributed()  # also when a step above failed
     adapter = load_file(out_dir / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector" in adapter
-    assert {t.dtype for t in adapter.values()} == {torch.bfloat16}
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # the fp32 master adapters, for an exact resume
     assert len(adapter) == 3 * 4 * 4  # (A, B, magnitude) x 4 layers x (q, k, v, down)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
@@ -180,3 +183,53 @@ def test_params_refuse_what_fsdp_lora_cannot_do():
         LoRAFinetuneDistributedParams(**base, lora_target_modules=["mlp_proj"])
     with pytest.raises(TypeError, match="quantize_base"):  # QLoRA is single-device only
         LoRAFinetuneDistributedParams(**base, quantize_base=True)
+    with pytest.raises(ConfigError, match="keep_last_n_checkpoints must be >= 1"):
+        LoRAFinetuneDistributedParams(**base, keep_last_n_checkpoints=0)
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_step_4_to_the_same_losses(tmp_path):
+    """An 8-step 2-process bf16 run saving every 2 steps, keeping 2; a 2-process run resumed from its step_4 (fp32
+    adapters, gathered AdamW state scattered back into the shards, RNG, data position) logs the same losses for
+    steps 5..8, with dropout on (so the RNG streams must be restored too)."""
+    run = ["batch_size=2", "dtype=bf16", "epochs=1", "max_steps_per_epoch=8", "log_every_n_steps=1",
+           "warmup_steps=2", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128", "lora_dropout=0.1",
+           "lora_target_modules=[q_proj,v_proj]", "chunked_loss=true", "loss_chunk_size=100"]
+    full = two_ranks(tmp_path / "full", *run, "save_every_n_steps=2", "keep_last_n_checkpoints=3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    # step_2 pruned; step_8 (the final save) kept with step_4 and step_6.
+    assert sorted(p.name for p in (tmp_path / "full").glob("step_*")) == ["step_4", "step_6", "step_8"]
+    resumed = two_ranks(tmp_path / "resumed", *run, f"resume_from_checkpoint={tmp_path / 'full' / 'step_4'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resumed from") == 1  # rank 0 only
+
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
+    assert sorted(got) == [5, 6, 7, 8]
+    diff = max(abs(got[step] - expected[step]) for step in got)
+    print(f"FSDP LoRA bf16 resume: max |loss diff| over steps 5-8 = {diff:.3g}")
+    assert diff == 0, (got, expected)
+    final_a = load_file(tmp_path / "full" / "step_8" / "adapter" / "adapter_model.safetensors")
+    final_b = load_file(tmp_path / "resumed" / "step_8" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_chunked_loss_activation_checkpointing_and_optimizers_as_a_world_of_one(tmp_path):
+    def losses(name: str, *overrides: str) -> list[float]:
+        recipe = run_world_of_one(tmp_path / name, "dtype=fp32", "max_steps_per_epoch=3", "max_seq_len=128",
+                                  "lora_target_modules=[q_proj,v_proj]", *overrides)
+        try:
+            recipe.setup()
+            recipe.train()
+            recipe.cleanup()
+        finally:
+            destroy_distributed()
+        return [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+
+    plain = losses("plain", "chunked_loss=false")
+    chunked_ac = losses("ac", "chunked_loss=true", "loss_chunk_size=100", "activation_checkpointing=true",
+                        "metric_loggers=[jsonl, tensorboard]")
+    assert len(plain) == 3 and max(abs(a - b) for a, b in zip(plain, chunked_ac)) < 1e-5, (plain, chunked_ac)
+    assert list((tmp_path / "ac" / "tensorboard").glob("events.out.tfevents.*"))
+    sgd = losses("sgd", "optimizer=sgd", "lr=0.05")
+    assert sgd[0] == pytest.approx(plain[0]) and sgd[1] != plain[1]  # same start, another update rule
