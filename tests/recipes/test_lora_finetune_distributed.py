@@ -5,8 +5,10 @@ transformers base with the merged checkpoint's logits."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,30 +189,71 @@ def test_params_refuse_what_fsdp_lora_cannot_do():
         LoRAFinetuneDistributedParams(**base, keep_last_n_checkpoints=0)
 
 
+def worker_pids(pid: int) -> dict[int, int]:
+    """RANK -> pid of the recipe processes under `pid` (the mytune CLI, torchrun's agent, then its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    ranks, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                environ = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = [item[5:] for item in environ if item.startswith(b"RANK=")]
+            if rank and b"lora_finetune_distributed" in (Path("/proc") / str(child) / "cmdline").read_bytes():
+                ranks[int(rank[0])] = child
+    return ranks
+
+
 @pytest.mark.slow
-def test_two_ranks_resume_from_step_4_to_the_same_losses(tmp_path):
-    """An 8-step 2-process bf16 run saving every 2 steps, keeping 2; a 2-process run resumed from its step_4 (fp32
-    adapters, gathered AdamW state scattered back into the shards, RNG, data position) logs the same losses for
-    steps 5..8, with dropout on (so the RNG streams must be restored too)."""
+def test_two_ranks_sigterm_then_resume_latest_to_bitwise_the_same_losses(tmp_path):
+    """bf16, dropout on, 2 processes. An 8-step reference run saving every 2 steps and keeping 3. A second run gets
+    SIGTERM on rank 1 only once its step_2 exists: both ranks save the same step and the job exits 0. Resumed with
+    resume_from_checkpoint=latest (fp32 adapters, gathered AdamW state scattered back into the shards, each rank's
+    RNG streams, data position) it logs bitwise the reference's losses and ends with the same adapter."""
     run = ["batch_size=2", "dtype=bf16", "epochs=1", "max_steps_per_epoch=8", "log_every_n_steps=1",
            "warmup_steps=2", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128", "lora_dropout=0.1",
-           "lora_target_modules=[q_proj,v_proj]", "chunked_loss=true", "loss_chunk_size=100"]
-    full = two_ranks(tmp_path / "full", *run, "save_every_n_steps=2", "keep_last_n_checkpoints=3")
-    assert full.returncode == 0, full.stderr[-3000:]
+           "lora_target_modules=[q_proj,v_proj]", "chunked_loss=true", "loss_chunk_size=100",
+           "save_every_n_steps=2"]
+    reference = two_ranks(tmp_path / "reference", *run, "keep_last_n_checkpoints=3")
+    assert reference.returncode == 0, reference.stderr[-3000:]
     # step_2 pruned; step_8 (the final save) kept with step_4 and step_6.
-    assert sorted(p.name for p in (tmp_path / "full").glob("step_*")) == ["step_4", "step_6", "step_8"]
-    resumed = two_ranks(tmp_path / "resumed", *run, f"resume_from_checkpoint={tmp_path / 'full' / 'step_4'}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.count("resumed from") == 1  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "reference").glob("step_*")) == ["step_4", "step_6", "step_8"]
 
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
-    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
-    assert sorted(got) == [5, 6, 7, 8]
-    diff = max(abs(got[step] - expected[step]) for step in got)
-    print(f"FSDP LoRA bf16 resume: max |loss diff| over steps 5-8 = {diff:.3g}")
-    assert diff == 0, (got, expected)
-    final_a = load_file(tmp_path / "full" / "step_8" / "adapter" / "adapter_model.safetensors")
-    final_b = load_file(tmp_path / "resumed" / "step_8" / "adapter" / "adapter_model.safetensors")
+    out = tmp_path / "preempted"
+    command = [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", "lora_finetune_distributed",
+               "--config", "tiny_demo", "--override", f"output_dir={out}", *run]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=torchrun_env(tmp_path / "reference-cache"), cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (out / "step_2" / "recipe_state.pt").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never saved step_2"
+        time.sleep(0.005)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("preemption signal at step") == 1
+    saved = sorted(int(p.name[5:]) for p in out.glob("step_*"))
+    assert 2 < saved[-1] < 8  # the step where both ranks stopped, not the end
+
+    resumed = two_ranks(out, *run, "resume_from_checkpoint=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count(f"resumed from {out / f'step_{saved[-1]}'} at step {saved[-1]}") == 1  # rank 0 only
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
+    got = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}  # a re-logged step: the resumed value
+    assert sorted(got) == list(range(1, 9))
+    print(f"FSDP LoRA bf16 SIGTERM at step {saved[-1]} + resume: max |loss diff| = "
+          f"{max(abs(got[s] - expected[s]) for s in got):.3g}")
+    assert got == expected
+    final_a = load_file(tmp_path / "reference" / "step_8" / "adapter" / "adapter_model.safetensors")
+    final_b = load_file(out / "step_8" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
