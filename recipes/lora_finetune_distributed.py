@@ -1,4 +1,4 @@
-"""LoRA and DoRA fine-tuning sharded over several processes with FSDP2 (one per GPU, or several CPU processes).
+"""LoRA, DoRA and QLoRA fine-tuning sharded over several processes with FSDP2 (one per GPU, or several CPU processes).
 
     mytune --nproc_per_node 8 lora_finetune_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B
     mytune --nproc_per_node 2 lora_finetune_distributed --config tiny_demo          # CPU, gloo
@@ -9,6 +9,8 @@ copy one file). The base model is frozen and `apply_lora` puts trainable adapter
 adapters get gradients (reduce-scattered) and AdamW state. Rank 0 reads the checkpoint and initialises the adapters
 (seeded, as the single-device recipe does), and the weights are broadcast shard by shard. Data, loss normalisation
 (by the label tokens of the whole global batch), validation and logging are those of `full_finetune_distributed`.
+`quantize_base` (QLoRA) keeps the targeted base weights in NF4: rank 0 quantizes each whole weight exactly as the
+single-device recipe does and every rank keeps its dim-0 shard of the NF4 bytes (needs 2+ processes).
 
 Each checkpoint is written twice, in one step directory, by rank 0 after every rank gathered the full weights:
     output_dir/step_<N>/           the merged model, a Hugging Face checkpoint (base + adapter folded into the weights)
@@ -123,7 +125,8 @@ class LoRAFinetuneRecipeDistributed:
                 if self.resume_dir is None or not self.base_model_path.is_dir():
                     save_hf_checkpoint(cpu_model, self.base_model_path, dtype=self.save_dtype,
                                        tokenizer_files=self.tokenizer.files)
-            self.apply_lora(cpu_model)
+            # QLoRA: quantized as single-device QLoRA does (on the device, layer by layer): NF4 in the state dict.
+            self.apply_lora(cpu_model, device=self.device if p.quantize_base else None)
             if self.resume_dir is not None:
                 load_peft_adapter(cpu_model, self.resume_dir / ADAPTER_DIR_NAME)
             full_state_dict = cpu_model.state_dict()
@@ -142,10 +145,10 @@ class LoRAFinetuneRecipeDistributed:
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
-    def apply_lora(self, model: TransformerDecoder) -> None:
+    def apply_lora(self, model: TransformerDecoder, device: torch.device | None = None) -> None:
         p = self.params
         apply_lora(model, p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
-                   use_dora=p.use_dora)
+                   use_dora=p.use_dora, quantize_base=p.quantize_base, device=device)
 
     def setup(self) -> None:
         p = self.params
@@ -190,8 +193,9 @@ class LoRAFinetuneRecipeDistributed:
                                                       config=dataclasses.asdict(p))
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
             n_trainable = sum(t.numel() for t in self.trainable)
+            kind = ("QDoRA" if p.quantize_base else "DoRA") if p.use_dora else ("QLoRA" if p.quantize_base else "LoRA")
             print(
-                f"lora_finetune_distributed: {'DoRA' if p.use_dora else 'LoRA'} rank {p.lora_rank} on "
+                f"lora_finetune_distributed: {kind} rank {p.lora_rank} on "
                 f"{', '.join(p.lora_target_modules)}: {n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M "
                 f"params sharded over {self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, "
                 f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
@@ -432,9 +436,7 @@ class LoRAFinetuneRecipeDistributed:
 
         `distributed.gather_full_model` for a model with adapters: the CPU model gets the same `apply_lora` first.
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = distributed.gather_full_state_dict(self.model)  # NF4 weights (QLoRA) come back as whole NF4Tensors
         if not self.is_rank_zero:
             return None
         with torch.device("meta"):

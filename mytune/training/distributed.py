@@ -6,14 +6,38 @@ The recipes keep their training loop; what lives here is what every FSDP recipe 
 - `shard_model`: `fully_shard` on every decoder layer and then on the root, with bf16 mixed precision (parameters
   stay float32 and sharded, compute in bf16) and optional CPU offload;
 - `load_full_state_dict`: rank 0 holds the whole state dict on the CPU, every rank receives only its shards;
-- `gather_full_model`: the inverse, for saving: rank 0 gets a CPU `TransformerDecoder` with the full weights.
+- `gather_full_state_dict`: the inverse, for saving: rank 0 gets the full state dict on the CPU;
+  `gather_full_model` puts it in a CPU `TransformerDecoder`.
+
+QLoRA (frozen NF4 base, torchao `NF4Tensor`) goes through the same calls; the recipe passes `quantize_base=True`
+to `apply_lora` (rank 0's model too, with `device=` the training device, to quantize exactly as single-device QLoRA)
+and saves from `gather_full_state_dict`:
+- build the meta model with `apply_lora(..., quantize_base=True)` (NF4 on the meta device allocates nothing);
+- `shard_model` re-blocks each NF4 weight's scale factors so that every rank's dim-0 shard holds whole blocks
+  (`nf4_for_shards`: the same quantized bytes, each double-quantization factor repeated; dequantizes bit for bit
+  the same) and `fully_shard` then splits the NF4 tensor on dim 0 (torchao implements FSDP2's all-gather hooks);
+- `load_full_state_dict` takes rank 0's state dict with those weights either in full precision (quantized here,
+  on `device`, the WHOLE tensor at once: bit-identical to single-device `to_nf4`) or already as `NF4Tensor`s
+  (rank 0 built its CPU model with `quantize_base=True`: needed for QDoRA, whose magnitude init reads the
+  dequantized NF4 weight); rank 0 broadcasts the NF4 bytes (1/8 of float32) and each rank keeps its dim-0 chunk;
+- `gather_full_state_dict` gathers those weights as full `NF4Tensor`s: assign them (`load_state_dict(...,
+  assign=True)`) into a CPU model built with `apply_lora(..., quantize_base=True)` (`LoRALinear.dense_weight` and
+  `merge_lora` dequantize), or call `.get_original_weight()` for the float weight. Use it rather than
+  `get_model_state_dict(full_state_dict=True)`, whose NF4 all-gather leaks (see `gather_full_state_dict`).
+Each NF4 weight needs rows divisible by the world size and a multiple of 64 elements per rank (true of real
+models on 2/4/8 ranks), and the world needs 2+ processes (FSDP2's world-of-one path cannot unshard NF4); otherwise
+`shard_model` raises a MytuneError.
 """
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from mytune.errors import MytuneError
 from mytune.models.transformer import TransformerDecoder
 
 
@@ -71,6 +95,7 @@ def shard_model(model: TransformerDecoder, *, bf16: bool, cpu_offload: bool) -> 
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    _prepare_nf4_for_sharding(model, dist.get_world_size())
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.model.layers:
@@ -85,13 +110,128 @@ def load_full_state_dict(model: TransformerDecoder, full_state_dict: dict[str, t
 
     Other ranks pass None. Each rank allocates only its shards on `device` (`to_empty`), then rank 0 broadcasts
     the weights and every rank keeps its shards; the RoPE tables (a non-persistent buffer) are rebuilt on `device`.
+    NF4 weights (QLoRA) are loaded by `_load_nf4_weights` (see the module docstring); the keys must match exactly.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model.to_empty(device=device)  # keeps a tied lm_head/embedding pair tied (one Parameter, sharded once)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    nf4_keys = [f"{name}.{attr}" for name, _, attr in _nf4_weights(model)]
+    if full_state_dict is not None:
+        _check_keys(model, full_state_dict)
+        full_state_dict = dict(full_state_dict)
+    nf4_values = [full_state_dict.pop(key) if full_state_dict is not None else None for key in nf4_keys]
+    _load_nf4_weights(model, nf4_values, device)
+    # strict=False only because the NF4 keys were taken out (rank 0 checked the keys above): each NF4 weight is
+    # then copied onto itself, a no-op.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not nf4_keys)
     set_model_state_dict(model, full_state_dict or {}, options=options)
     model.model.rotary_emb.reset_parameters(device)
+
+
+def _check_keys(model: nn.Module, full_state_dict: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the state dict must have exactly the model's keys (what `strict=True` checks)."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(full_state_dict)), sorted(set(full_state_dict) - expected)
+    if missing or unexpected:
+        raise MytuneError(f"load_full_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def _is_nf4(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` (or a DTensor's local shard) is a torchao `NF4Tensor` (torchao imported only if so)."""
+    local = getattr(tensor, "_local_tensor", tensor)
+    return type(local).__name__ == "NF4Tensor"
+
+
+def _nf4_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every NF4 parameter, in model order."""
+    return [(name, module, attr) for name, module in model.named_modules()
+            for attr, param in module.named_parameters(recurse=False) if _is_nf4(param)]
+
+
+def nf4_for_shards(weight: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`weight` (an NF4Tensor) re-expressed so that each of `world_size` equal dim-0 chunks holds whole blocks.
+
+    NF4 quantizes blocks of 64 values with one scale each, and those scales are quantized again in groups of
+    `scaler_block_size` with one float factor per group. A dim-0 chunk must not split a group, so the group shrinks
+    to gcd(group, blocks per chunk) and each factor is repeated: the same bytes and factors, so dequantization is
+    bitwise unchanged (each scale is divided by the very same factor). Works on the meta device too.
+    """
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+
+    rows, cols = weight.shape
+    if rows % world_size or (rows // world_size * cols) % weight.block_size:
+        raise MytuneError(
+            f"quantize_base: a weight of shape {tuple(weight.shape)} cannot be sharded in NF4 over {world_size} "
+            f"ranks (needs rows divisible by {world_size} and a multiple of {weight.block_size} elements per rank); "
+            f"use another number of processes or quantize_base=false"
+        )
+    blocks_per_shard = rows // world_size * cols // weight.block_size
+    group = math.gcd(weight.scaler_block_size, blocks_per_shard)
+    if group == weight.scaler_block_size:
+        return weight
+    factor = weight.quantization_factor.repeat_interleave(weight.scaler_block_size // group)
+    return NF4Tensor(*construct_nf4_args(weight, {"scaler_block_size": group, "quantization_factor": factor}))
+
+
+def _prepare_nf4_for_sharding(model: nn.Module, world_size: int) -> None:
+    """Before `fully_shard`: every NF4 weight re-blocked by `nf4_for_shards` (raises if one cannot be sharded).
+
+    A world of one is refused: FSDP2's single-process path skips the all-gather and hands a tensor subclass one
+    all-gather output where NF4 has three (torchao's `fsdp_post_all_gather` fails to unpack them).
+    """
+    nf4_weights = _nf4_weights(model)
+    if nf4_weights and world_size == 1:
+        raise MytuneError("quantize_base=true under FSDP needs 2 or more processes (FSDP2 does not run NF4 weights "
+                          "in a world of one); start it with torchrun, or use lora_finetune_single_device")
+    for _, module, attr in nf4_weights:
+        weight = nf4_for_shards(getattr(module, attr), world_size)
+        setattr(module, attr, nn.Parameter(weight, requires_grad=False))
+
+
+def _load_nf4_weights(model: nn.Module, values: list[torch.Tensor | None], device: torch.device) -> None:
+    """Rank 0's full weights (float or NF4; None on other ranks) -> each rank's NF4 dim-0 shard, in the model.
+
+    Rank 0 quantizes a float weight whole on `device` (as single-device QLoRA does), re-blocks it like the sharded
+    meta weight and broadcasts its five inner tensors; every rank keeps (copies) its chunk of the three sharded ones.
+    The new DTensor parameters replace the old; FSDP picks them up at its lazy init (the first forward).
+    """
+    from torch.distributed.tensor import DTensor
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+
+    from mytune.modules.lora import to_nf4
+
+    for (_, module, attr), value in zip(_nf4_weights(model), values):
+        sharded = getattr(module, attr)
+        local, mesh = sharded.to_local(), sharded.device_mesh
+        world_size, rank = mesh.size(), mesh.get_local_rank()
+        names = local.__tensor_flatten__()[0]  # quantized_data, scaler_mean, quantization_factor, ...
+        if value is not None:
+            if not _is_nf4(value):  # quantized whole, in the model's dtype, on `device`: single-device `to_nf4`
+                value = to_nf4(value.detach().to(device=device, dtype=sharded.dtype))
+            elif value.dtype != sharded.dtype:
+                raise MytuneError(f"load_full_state_dict: an NF4 weight of dtype {value.dtype} for a model whose "
+                                  f"NF4 weights are {sharded.dtype}; build both models in the same dtype")
+            full = nf4_for_shards(value.to(device), world_size)
+            inner = {name: getattr(full, name).contiguous() for name in names}
+        else:
+            inner = {name: torch.empty(_full_inner_shape(local, name, world_size), dtype=getattr(local, name).dtype,
+                                       device=device) for name in names}
+        for name in names:
+            dist.broadcast(inner[name], src=0, group=mesh.get_group())
+        for name in ("quantized_data", "quantized_scalers", "quantization_factor"):
+            inner[name] = inner[name].chunk(world_size)[rank].clone()
+        shard = NF4Tensor(*construct_nf4_args(local, {**inner, "device": torch.device(device)}))
+        dtensor = DTensor.from_local(shard, mesh, sharded.placements, run_check=False, shape=sharded.shape,
+                                     stride=sharded.stride())
+        setattr(module, attr, nn.Parameter(dtensor, requires_grad=False))
+
+
+def _full_inner_shape(local: torch.Tensor, name: str, world_size: int) -> torch.Size:
+    """The shape of the unsharded NF4 inner tensor `name` (the sharded ones are split on their only dim)."""
+    shape = getattr(local, name).shape
+    if name in ("quantized_data", "quantized_scalers", "quantization_factor"):
+        return torch.Size((shape[0] * world_size,))
+    return shape
 
 
 def gather_full_model(model: TransformerDecoder) -> TransformerDecoder | None:
@@ -100,10 +240,8 @@ def gather_full_model(model: TransformerDecoder) -> TransformerDecoder | None:
     A collective: every rank must call it. The returned model is built on the meta device and takes the gathered
     CPU tensors as its parameters (no copy), so `save_hf_checkpoint` can write it.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
+    full = gather_full_state_dict(model)
+    if full is None:
         return None
     with torch.device("meta"):
         cpu_model = TransformerDecoder(model.args)
@@ -112,6 +250,52 @@ def gather_full_model(model: TransformerDecoder) -> TransformerDecoder | None:
         cpu_model.tie_weights()
     cpu_model.model.rotary_emb.reset_parameters("cpu")
     return cpu_model
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """All ranks gather the sharded state dict one tensor at a time; rank 0 gets it on the CPU, the others None.
+
+    A collective: every rank must call it. What `get_model_state_dict(full_state_dict=True, cpu_offload=True)`
+    returns, except that NF4 weights come back as full `NF4Tensor`s gathered by `_gather_nf4`: DTensor's own
+    all-gather of an NF4 shard (torch 2.13, torchao 0.18) never waits on its collectives, and each save would then
+    keep the gathered NF4 bytes alive on every rank until the process exits.
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor
+
+    is_rank_zero, gathered, full = dist.get_rank() == 0, {}, {}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if id(value) not in gathered:  # a tied weight is gathered once
+                tensor = value
+                if isinstance(tensor, DTensor):
+                    if tensor.device.type != tensor.device_mesh.device_type:  # CPU-offloaded shards
+                        tensor = tensor.to(tensor.device_mesh.device_type)
+                    tensor = _gather_nf4(tensor) if _is_nf4(tensor) else tensor.full_tensor()
+                    if isinstance(tensor, AsyncCollectiveTensor):
+                        tensor = tensor.wait()
+                gathered[id(value)] = tensor.detach().cpu() if is_rank_zero else None
+            if is_rank_zero:
+                full[key] = gathered[id(value)]
+    return full if is_rank_zero else None
+
+
+# `all_gather_into_tensor` warns that it is deprecated where `all_gather_single` (the same call) exists.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def _gather_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """The full `NF4Tensor` of a dim-0-sharded NF4 DTensor, gathered with plain (waited) all-gathers."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+
+    local, group = weight.to_local(), weight.device_mesh.get_group()
+    inner = {}
+    for name in ("quantized_data", "quantized_scalers", "quantization_factor"):
+        shard = getattr(local, name).contiguous()
+        inner[name] = shard.new_empty((shard.numel() * group.size(),))
+        _all_gather_single(inner[name], shard, group=group)
+    return NF4Tensor(*construct_nf4_args(local, {**inner, "size": weight.shape, "stride": weight.stride(),
+                                                  "n_blocks": weight.numel() // local.block_size}))
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

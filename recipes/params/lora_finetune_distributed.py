@@ -1,7 +1,7 @@
 """Parameters of the `lora_finetune_distributed` recipe: the one schema for its YAML configs and `--override`s.
 
 The fields and their meaning are those of `lora_finetune_single_device` (so a config moves between the two by
-changing its device and sizes), minus `quantize_base` (QLoRA runs on one device), plus `cpu_offload`. `batch_size`
+changing its device and sizes), plus `cpu_offload`. `batch_size`
 is per process: the global batch of one optimizer step is batch_size * gradient_accumulation_steps * world size.
 """
 
@@ -16,8 +16,8 @@ CHAT_TEMPLATES = ("alpaca", "llama2", "llama3", "chatml", "tokenizer")
 
 @dataclass
 class LoRAFinetuneDistributedParams:
-    """LoRA / DoRA fine-tuning of a decoder LLM sharded with FSDP2 over the processes torchrun starts: the base stays
-    frozen, small adapters train."""
+    """LoRA / DoRA / QLoRA fine-tuning of a decoder LLM sharded with FSDP2 over the processes torchrun starts: the base
+    stays frozen, small adapters train."""
 
     # Fields checked for existence before any heavy work (`mytune validate` reports them as warnings).
     INPUT_PATHS: ClassVar[tuple[str, ...]] = ("checkpoint_dir", "tokenizer_path", "dataset_path", "dataset_val")
@@ -36,6 +36,7 @@ class LoRAFinetuneDistributedParams:
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapters' input while training
     use_dora: bool = False  # DoRA: also learn a per-output magnitude over the normalised combined weight
+    quantize_base: bool = False  # QLoRA: keep the frozen base weights of the targeted layers in NF4 (torchao), sharded; 2+ processes
 
     # Data (see mytune.data): formats instruct / chat / text, prompt formats, truncation, packing, tokenization cache
     dataset_path: str = ""  # training data: a .jsonl/.json/.csv/.txt/.parquet file, a folder of them, or a hub dataset owner/name

@@ -9,6 +9,9 @@ import dataclasses
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -80,8 +83,18 @@ def test_config_parses_validates_and_runs(config, tiny_checkpoints, tmp_path, ca
         "batch_size": 2, "gradient_accumulation_steps": 1, "dataset_cache_dir": tmp_path / "cache", "max_new_tokens": 4,
     }
     overrides = [f"{k}={v}" for k, v in swaps.items() if k in fields]
-    module = importlib.import_module(f"recipes.{recipe}")
-    module.main(["--config", str(config), "--override", *overrides])
+    if "quantize_base: true" in config.read_text() and recipe.endswith("_distributed"):
+        # Sharded NF4 needs 2+ processes: this config runs under torchrun (2 CPU processes, gloo).
+        result = subprocess.run(
+            [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", recipe, "--config", str(config),
+             "--override", *overrides],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        module = importlib.import_module(f"recipes.{recipe}")
+        module.main(["--config", str(config), "--override", *overrides])
 
     metrics = tmp_path / "out" / "metrics.jsonl"
     if "max_steps_per_epoch" in fields:  # a training recipe: two finite losses and a saved checkpoint

@@ -183,8 +183,6 @@ def test_params_refuse_what_fsdp_lora_cannot_do():
         LoRAFinetuneDistributedParams(**base, device="cpu", cpu_offload=True)
     with pytest.raises(ConfigError, match="unknown module name"):
         LoRAFinetuneDistributedParams(**base, lora_target_modules=["mlp_proj"])
-    with pytest.raises(TypeError, match="quantize_base"):  # QLoRA is single-device only
-        LoRAFinetuneDistributedParams(**base, quantize_base=True)
     with pytest.raises(ConfigError, match="keep_last_n_checkpoints must be >= 1"):
         LoRAFinetuneDistributedParams(**base, keep_last_n_checkpoints=0)
 
@@ -276,3 +274,38 @@ def test_chunked_loss_activation_checkpointing_and_optimizers_as_a_world_of_one(
     assert list((tmp_path / "ac" / "tensorboard").glob("events.out.tfevents.*"))
     sgd = losses("sgd", "optimizer=sgd", "lr=0.05")
     assert sgd[0] == pytest.approx(plain[0]) and sgd[1] != plain[1]  # same start, another update rule
+
+
+@pytest.mark.slow
+def test_two_rank_qlora_matches_single_device_qlora(tmp_path):
+    """QLoRA sharded over 2 processes: the NF4 base is quantized whole by rank 0 and split by rows, so the losses
+    equal single-device QLoRA's on the same global batch (fp32), and the saved adapter loads in peft."""
+    run = ["shuffle=false", "dtype=fp32", "epochs=1", "max_steps_per_epoch=3", "log_every_n_steps=1",
+           "warmup_steps=1", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128", "quantize_base=true",
+           "lora_target_modules=[q_proj,v_proj,down_proj]"]
+    sharded_out = tmp_path / "sharded"
+    result = two_ranks(sharded_out, "batch_size=2", *run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("QLoRA rank 8") == 1
+    parser = TuneArgumentParser(LoRAFinetuneParams, recipe="lora_finetune_single_device")
+    single_recipe.recipe_main(parser.parse_params(
+        ["--config", "tiny_demo", "--override", f"output_dir={tmp_path / 'single'}", "batch_size=4",
+         f"dataset_cache_dir={tmp_path / 'cache'}", *run]))
+    sharded = read_metrics(sharded_out / "metrics.jsonl")
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(sharded, single))
+    print(f"FSDP vs single-device QLoRA: max loss diff {diff:.2e}")
+    assert len(sharded) == len(single) == 3 and diff < 1e-5, (sharded, single)
+    config = json.loads((sharded_out / "step_3" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj", "down_proj"]
+
+
+def test_qlora_needs_two_processes(tmp_path):
+    from mytune.errors import MytuneError
+
+    recipe = run_world_of_one(tmp_path, "quantize_base=true", "max_steps_per_epoch=1", "max_seq_len=64")
+    try:
+        with pytest.raises(MytuneError, match="2\\+ processes|torchrun"):
+            recipe.setup()
+    finally:
+        destroy_distributed()
