@@ -48,7 +48,7 @@ from mytune.models import TransformerDecoder, model_args
 from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, resolve_device, set_seed
-from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing
+from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.metrics import build_metric_loggers
@@ -117,9 +117,11 @@ class LoRAFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
-        # Changes no parameter names or state-dict keys: checkpoints are the same with or without it.
+        # Neither changes parameter names or state-dict keys: checkpoints are the same with or without them.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        if p.compile:
+            compile_layers(self.model)
         # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
         self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
 
@@ -262,7 +264,7 @@ class LoRAFinetuneRecipeSingleDevice:
             loss.backward()
             step_loss += loss.item()
             num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
         grad_norm = None

@@ -4,8 +4,11 @@ and validation loss), and rank 0 writes a checkpoint that transformers loads."""
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,16 @@ def two_ranks(out: Path, *overrides: str) -> subprocess.CompletedProcess:
          "--config", "tiny_demo", "--override", f"output_dir={out}", *overrides],
         capture_output=True, text=True, env=torchrun_env(out.parent / f"{out.name}-cache"), cwd=out.parent,
         timeout=300,
+    )
+
+
+def start_two_ranks(out: Path, *overrides: str) -> subprocess.Popen:
+    """`two_ranks` without waiting: the launcher's Popen (text stdout and stderr piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mytune.cli.main", "--nproc_per_node", "2", "full_finetune_distributed",
+         "--config", "tiny_demo", "--override", f"output_dir={out}", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=torchrun_env(out.parent / f"{out.name}-cache"), cwd=out.parent,
     )
 
 
@@ -166,25 +179,90 @@ def test_a_bad_row_stops_every_rank_with_one_error_line(tmp_path):
     assert errors[1:] == ["mytune: error: full_finetune_distributed failed on rank 0 with exit code 2"], result.stderr
 
 
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=`rank` among the launcher's descendant processes (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
+            continue
+    stack = [launcher.pid]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return pid
+            stack.append(pid)
+    raise AssertionError(f"no process with RANK={rank} under the launcher (pid {launcher.pid})")
+
+
 @pytest.mark.slow
-def test_two_ranks_resume_from_step_4_to_the_same_losses(tmp_path):
-    """An 8-step 2-process run saving at step 4; a second 2-process run resumed from that step_4 (gathered full
-    optimizer state scattered back into the shards) logs the same losses for steps 5..8."""
+def test_two_ranks_sigterm_resume_latest_and_keep_last_n(tmp_path):
+    """Three 2-process runs of 8 steps saving every 2 steps and keeping the last 2 checkpoints:
+
+    - uninterrupted: the reference losses; step_2 and step_4 were pruned, step_6 and step_8 remain;
+    - interrupted (alongside the first): SIGTERM to rank 1 once step_2 is complete; rank 0 learns of it through the
+      per-step all-reduce, both ranks save the same step N together (the save is a collective) and exit 0;
+    - resumed with `resume_from_checkpoint=latest` after a step_<N+1> holding weights but no recipe_state.pt was
+      planted (a save cut off between the two writes): it resumes from step_N (gathered full optimizer state
+      scattered back into the shards) and logs the reference losses for steps N+1..8.
+    """
     run = ["batch_size=2", "dtype=fp32", "epochs=1", "max_steps_per_epoch=8", "log_every_n_steps=1",
-           "warmup_steps=2", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128"]
-    full = two_ranks(tmp_path / "full", *run, "save_every_n_steps=4")
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert (tmp_path / "full" / "step_4" / "recipe_state.pt").is_file()
-    resumed = two_ranks(tmp_path / "resumed", *run, f"resume_from_checkpoint={tmp_path / 'full' / 'step_4'}")
+           "warmup_steps=2", "val_fraction=0", "eval_every_n_steps=0", "max_seq_len=128", "save_every_n_steps=2",
+           "keep_last_n_checkpoints=2"]
+    full, out = tmp_path / "full", tmp_path / "out"
+    # Both jobs at once (they share the CPU, not their output or cache): 2 launches' wall time instead of 3.
+    jobs = [start_two_ranks(full, *run), start_two_ranks(out, *run)]
+    reference, interrupted = jobs
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "step_2" / "recipe_state.pt").is_file():
+            assert interrupted.poll() is None, interrupted.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never saved step_2"
+            time.sleep(0.01)
+        os.kill(rank_pid(interrupted, rank=1), signal.SIGTERM)
+        stdout, stderr = interrupted.communicate(timeout=300)
+        reference_stderr = reference.communicate(timeout=300)[1]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.communicate()
+    assert reference.returncode == 0, reference_stderr[-3000:]
+    assert sorted(p.name for p in full.glob("step_*")) == ["step_6", "step_8"]  # keep_last_n_checkpoints=2
+    expected = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl")}
+    assert sorted(expected) == list(range(1, 9))
+
+    assert interrupted.returncode == 0, stderr[-3000:]
+    stopped_at = int(stdout.split("preemption signal at step ")[1].split(":")[0])  # printed by rank 0
+    assert 2 < stopped_at < 6, stdout[-3000:]  # the next step boundary or so, not the end of the run
+    saved = sorted({step for step in (2, 4) if step < stopped_at} | {stopped_at})
+    assert sorted(int(p.name[5:]) for p in out.glob("step_*")) == saved[-2:]
+    state = torch.load(out / f"step_{stopped_at}" / "recipe_state.pt", weights_only=True)
+    assert state["global_step"] == stopped_at and state["optimizer_full_state_dict"]
+    assert state["dataloader_state"]["consumed"] == stopped_at * 2 * 2  # steps x batch x ranks
+    assert stdout.count("saved checkpoint to") == len(saved)  # rank 0 logs each save once
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == stopped_at
+
+    planted = out / f"step_{stopped_at + 1}"  # newer, but incomplete: latest must skip it
+    planted.mkdir()
+    shutil.copy(out / f"step_{stopped_at}" / "model.safetensors", planted)
+    shutil.copy(out / f"step_{stopped_at}" / "config.json", planted)
+    resumed = two_ranks(out, *run, "resume_from_checkpoint=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resumed from") == 1  # rank 0 only
-
-    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")}
-    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")}
-    assert sorted(got) == [5, 6, 7, 8]
+    assert f"resumed from {out / f'step_{stopped_at}'} at step {stopped_at}" in resumed.stdout, resumed.stdout[-3000:]
+    got = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}  # the resumed run's values win
+    assert sorted(got) == list(range(1, 9))
     diff = max(abs(got[step] - expected[step]) for step in got)
-    print(f"FSDP resume: max |loss diff| over steps 5-8 = {diff:.3g}")
+    print(f"FSDP SIGTERM + resume: max |loss diff| over steps 1-8 = {diff:.3g}")
     assert diff < 1e-6, (got, expected)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_6", "step_8"]
+    assert (out / "step_6" / "recipe_state.pt").is_file()
 
 
 def world_of_one_losses(out: Path, *overrides: str) -> list[float]:

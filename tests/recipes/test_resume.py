@@ -1,6 +1,7 @@
 """Resuming full_finetune_single_device: a run killed with SIGKILL, or stopped by SIGTERM (preemption), and resumed with
-`resume_from_checkpoint=latest` logs bitwise the same per-step losses as a run that was never interrupted (CPU, fp32).
-A diverging run (nan loss) stops with one error line naming the last good checkpoint."""
+`resume_from_checkpoint=latest` logs bitwise the same per-step losses as a run that was never interrupted (CPU, fp32);
+the same for lora_finetune_single_device stopped by a real SIGTERM. A diverging run (nan loss) stops with one error
+line naming the last good checkpoint."""
 
 import os
 import signal
@@ -19,9 +20,9 @@ RUN = ["max_seq_len=128", f"max_steps_per_epoch={STEPS_PER_EPOCH}", f"epochs={EP
        "save_every_n_steps=4", "dtype=fp32"]
 
 
-def command(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "mytune.cli.main", "full_finetune_single_device", "--config", "tiny_demo",
-            "--override", f"output_dir={out}", *RUN, *overrides]
+def command(out: Path, *overrides: str, recipe: str = "full_finetune_single_device", run: list[str] = RUN) -> list[str]:
+    return [sys.executable, "-m", "mytune.cli.main", recipe, "--config", "tiny_demo",
+            "--override", f"output_dir={out}", *run, *overrides]
 
 
 def env(cache: Path) -> dict[str, str]:
@@ -34,9 +35,10 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(out / "metrics.jsonl")}
 
 
-def start_and_signal(out: Path, cache: Path, sig: signal.Signals, when_dir: str) -> int:
-    """Start a run, send `sig` as soon as `out/when_dir` is a complete checkpoint, return the exit code."""
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(cache),
+def start_and_signal(out: Path, cache: Path, sig: signal.Signals, when_dir: str, cmd: list[str] | None = None) -> int:
+    """Start a run (`cmd`, by default `command(out)`), send `sig` as soon as `out/when_dir` is a complete
+    checkpoint, return the exit code."""
+    proc = subprocess.Popen(cmd or command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(cache),
                             cwd=out.parent)
     deadline = time.monotonic() + 120
     while not (out / when_dir / "recipe_state.pt").is_file():
@@ -109,3 +111,50 @@ def test_resume_from_a_path_that_is_no_checkpoint_is_one_error_line(tmp_path):
                             text=True, env=env(tmp_path / "cache"), cwd=tmp_path)
     assert result.returncode == 2
     assert "is not a resumable checkpoint" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+LORA_RUN = ["max_seq_len=128", f"max_steps_per_epoch={STEPS_PER_EPOCH}", "epochs=2", "log_every_n_steps=1",
+            "save_every_n_steps=4", "keep_last_n_checkpoints=null", "dtype=fp32"]
+
+
+def test_lora_sigterm_saves_a_complete_step_and_resumes_to_the_same_losses(tmp_path):
+    """lora_finetune_single_device, 12 steps saving every 4: SIGTERM once step_4 is complete; the run saves the next
+    step (merged weights, adapter/, recipe_state.pt) and exits 0; `resume_from_checkpoint=latest` then logs bitwise
+    the losses of an uninterrupted run (which runs alongside the interrupted one) and ends with the same adapters."""
+    from safetensors.torch import load_file
+
+    total = STEPS_PER_EPOCH * 2
+    reference_out, out = tmp_path / "reference" / "out", tmp_path / "interrupted" / "out"
+    for directory in (reference_out, out):
+        directory.parent.mkdir()
+    reference = subprocess.Popen(command(reference_out, recipe="lora_finetune_single_device", run=LORA_RUN),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(tmp_path / "ref-cache"),
+                                 cwd=reference_out.parent)
+    try:
+        returncode = start_and_signal(out, tmp_path / "cache", signal.SIGTERM, "step_4",
+                                      command(out, recipe="lora_finetune_single_device", run=LORA_RUN))
+    finally:
+        reference_stderr = reference.communicate(timeout=300)[1].decode()
+    assert reference.returncode == 0, reference_stderr[-3000:]
+    assert returncode == 0  # saved at the next step boundary, exit 0
+
+    saved = sorted(int(p.name[5:]) for p in out.glob("step_*"))
+    stopped_at = saved[-1]
+    assert 4 < stopped_at < total and saved == [step for step in (4, 8) if step < stopped_at] + [stopped_at], saved
+    step_dir = out / f"step_{stopped_at}"
+    assert (step_dir / "model.safetensors").is_file() and (step_dir / "adapter" / "adapter_config.json").is_file()
+    assert (step_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.load(step_dir / "recipe_state.pt", weights_only=True)["global_step"] == stopped_at
+    assert max(losses_by_step(out)) == stopped_at
+
+    result = subprocess.run(command(out, "resume_from_checkpoint=latest", recipe="lora_finetune_single_device",
+                                    run=LORA_RUN), capture_output=True, text=True, env=env(tmp_path / "cache"),
+                            cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {step_dir} at step {stopped_at}" in result.stdout
+    expected = losses_by_step(reference_out)
+    assert sorted(expected) == list(range(1, total + 1))
+    assert losses_by_step(out) == expected  # bitwise: == on floats, every step
+    a = load_file(reference_out / f"step_{total}" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / f"step_{total}" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
