@@ -336,7 +336,7 @@ class LoRAFinetuneRecipeDistributed:
             (loss * world_size).backward()
             local_loss += loss.item()
         (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
         grad_norm = None
