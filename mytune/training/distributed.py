@@ -148,6 +148,15 @@ def _nf4_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
             for attr, param in module.named_parameters(recurse=False) if _is_nf4(param)]
 
 
+def _torchao_nf4():
+    """torchao's NF4Tensor class and its constructor-arguments helper, wherever this torchao version keeps them."""
+    import importlib
+
+    from torchao.quantization import NF4Tensor
+
+    return NF4Tensor, importlib.import_module(NF4Tensor.__module__).construct_nf4_args
+
+
 def nf4_for_shards(weight: torch.Tensor, world_size: int) -> torch.Tensor:
     """`weight` (an NF4Tensor) re-expressed so that each of `world_size` equal dim-0 chunks holds whole blocks.
 
@@ -156,7 +165,7 @@ def nf4_for_shards(weight: torch.Tensor, world_size: int) -> torch.Tensor:
     to gcd(group, blocks per chunk) and each factor is repeated: the same bytes and factors, so dequantization is
     bitwise unchanged (each scale is divided by the very same factor). Works on the meta device too.
     """
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+    NF4Tensor, construct_nf4_args = _torchao_nf4()
 
     rows, cols = weight.shape
     if rows % world_size or (rows // world_size * cols) % weight.block_size:
@@ -196,7 +205,7 @@ def _load_nf4_weights(model: nn.Module, values: list[torch.Tensor | None], devic
     The new DTensor parameters replace the old; FSDP picks them up at its lazy init (the first forward).
     """
     from torch.distributed.tensor import DTensor
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+    NF4Tensor, construct_nf4_args = _torchao_nf4()
 
     from mytune.modules.lora import to_nf4
 
@@ -286,7 +295,7 @@ _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_ten
 
 def _gather_nf4(weight: torch.Tensor) -> torch.Tensor:
     """The full `NF4Tensor` of a dim-0-sharded NF4 DTensor, gathered with plain (waited) all-gathers."""
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, construct_nf4_args
+    NF4Tensor, construct_nf4_args = _torchao_nf4()
 
     local, group = weight.to_local(), weight.device_mesh.get_group()
     inner = {}
