@@ -45,7 +45,7 @@ from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.metrics import build_metric_loggers
 from mytune.training.optim import build_optimizer
 from mytune.training.profiling import maybe_profile, peak_memory_gib
-from mytune.training.recipe_state import latest_checkpoint, load_recipe_state, prune_checkpoints, save_recipe_state
+from mytune.training.recipe_state import load_recipe_state, prune_checkpoints, resolve_resume_dir, save_recipe_state
 from mytune.training.safety import PreemptionHandler, check_finite
 from recipes.params.full_finetune_single_device import FullFinetuneParams
 
@@ -60,7 +60,7 @@ class FullFinetuneRecipeSingleDevice:
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
         self.epoch = 0
-        self.resume_dir = resume_dir(params)  # None: a fresh run
+        self.resume_dir = resolve_resume_dir(params.resume_from_checkpoint, params.output_dir)  # None: a fresh run
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
         set_seed(params.seed)
@@ -305,24 +305,6 @@ def report_dataset(field: str, dataset) -> None:
     for message in dataset.stats.get("skipped_examples", []):
         print(f"  skipped {message}", flush=True)
 
-
-def resume_dir(params) -> Path | None:
-    """The `step_<N>` to resume from: None for a fresh run (`resume_from_checkpoint` empty, or `latest` with no
-    complete checkpoint in output_dir yet, so a job script can always pass `latest`)."""
-    value = params.resume_from_checkpoint
-    if not value:
-        return None
-    if value == "latest":
-        found = latest_checkpoint(params.output_dir)
-        if found is None:
-            print(f"resume_from_checkpoint=latest: no complete step_<N> in {params.output_dir}; starting fresh",
-                  flush=True)
-        return found
-    path = Path(value)
-    if not (path / "recipe_state.pt").is_file():
-        raise MytuneError(f"resume_from_checkpoint={value!r} is not a resumable checkpoint (a step_<N> directory "
-                          f"with recipe_state.pt); use latest for the newest one in output_dir")
-    return path
 
 
 def recipe_main(params: FullFinetuneParams) -> Path:

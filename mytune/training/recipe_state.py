@@ -192,6 +192,30 @@ def latest_checkpoint(output_dir: str | Path, *, require_recipe_state: bool = Tr
     return None
 
 
+def resolve_resume_dir(resume_from_checkpoint: str, output_dir: str | Path, *,
+                       needs: tuple[str, ...] = ()) -> Path | None:
+    """The `step_<N>` a run resumes from, given the `resume_from_checkpoint` parameter; None for a fresh run.
+
+    Empty: a fresh run. `latest`: the newest complete `step_<N>` in `output_dir`, or a fresh run when there is none
+    yet (so a job script can always pass `latest`). Otherwise a path, which must hold `recipe_state.pt` and the
+    entries in `needs` (e.g. a LoRA recipe's `adapter/`), else one MytuneError line.
+    """
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            print(f"resume_from_checkpoint=latest: no complete step_<N> in {output_dir}; starting fresh", flush=True)
+        return found
+    path = Path(resume_from_checkpoint)
+    required = (RECIPE_STATE_FILE, *needs)
+    if not all((path / name).exists() for name in required):
+        raise MytuneError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a resumable checkpoint (a "
+                          f"step_<N> directory with {' and '.join(required)}); use latest for the newest one in "
+                          f"output_dir")
+    return path
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` `step_<N>` directories; returns the deleted paths, oldest first.
 

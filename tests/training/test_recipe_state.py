@@ -176,3 +176,19 @@ def test_fsdp_full_optimizer_state_round_trip_as_a_world_of_one(tmp_path):
         assert all(torch.equal(expected[k], got[k]) for k in expected)
     finally:
         distributed.destroy_distributed()
+
+
+def test_resolve_resume_dir(tmp_path, capsys):
+    from mytune.training.recipe_state import resolve_resume_dir
+
+    assert resolve_resume_dir("", tmp_path) is None
+    assert resolve_resume_dir("latest", tmp_path) is None and "starting fresh" in capsys.readouterr().out
+    step = tmp_path / "step_4"
+    step.mkdir()
+    (step / "recipe_state.pt").write_bytes(b"")
+    assert resolve_resume_dir("latest", tmp_path) == step
+    assert resolve_resume_dir(str(step), tmp_path) == step
+    with pytest.raises(MytuneError, match=r"with recipe_state.pt and adapter\); use latest"):
+        resolve_resume_dir(str(step), tmp_path, needs=("adapter",))
+    (step / "adapter").mkdir()
+    assert resolve_resume_dir(str(step), tmp_path, needs=("adapter",)) == step
