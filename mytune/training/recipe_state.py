@@ -128,10 +128,11 @@ def load_recipe_state(
                 raise
             error = str(err)
     optimizer_state = state.pop("optimizer") if state is not None else {}
+    low_bit = _dequantize_low_bit_states(optimizer_state) if model is not None and state is not None else []
     if distributed:  # the small values (and any error) to every rank; the optimizer state goes shard by shard below
-        box = [(state, error)]
+        box = [(state, error, low_bit)]
         torch.distributed.broadcast_object_list(box, src=0)
-        state, error = box[0]
+        state, error, low_bit = box[0]
         if error is not None:
             raise MytuneError(error)
     if model is not None:
@@ -139,6 +140,7 @@ def load_recipe_state(
 
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        _requantize_low_bit_states(model, optimizer, low_bit)
     else:
         optimizer.load_state_dict(optimizer_state)
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -151,6 +153,41 @@ def load_recipe_state(
         _set_rng_state(per_rank[_rank()] if same_world else state["rng"])
     return RecipeState(global_step=state["global_step"], epoch=state["epoch"],
                        dataloader_state=state["dataloader_state"], extra=state["extra"])
+
+
+def _is_low_bit_state(value: Any) -> bool:
+    """A torchao low-bit optimizer state (OptimState8bit / OptimState4bit / OptimStateFp8): codes plus scales."""
+    return isinstance(value, torch.Tensor) and type(value).__name__.startswith("OptimState")
+
+
+def _dequantize_low_bit_states(optimizer_state: dict) -> list[tuple[str, str, bool]]:
+    """Replace torchao low-bit states in a full (name-keyed) optimizer state dict by their float values, in place.
+
+    FSDP's loading broadcasts and splits each state tensor, which torchao's subclasses do not implement; the float
+    values travel instead and `_requantize_low_bit_states` quantizes each rank's shard again. That is not bitwise:
+    a signed block's absmax does not land exactly on a code, so some scales move by a rounding step (the next
+    update differs by ~1e-5 relative; on one device the states load exactly). Returns (name, state key, signed).
+    """
+    converted = []
+    for name, param_state in optimizer_state.get("state", {}).items():
+        for key, value in param_state.items():
+            if _is_low_bit_state(value):
+                param_state[key] = value.dequantize()
+                converted.append((name, key, bool(value.signed)))
+    return converted
+
+
+def _requantize_low_bit_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               low_bit: list[tuple[str, str, bool]]) -> None:
+    """Turn the float states loaded for `low_bit` back into torchao low-bit states of this rank's shards."""
+    if not low_bit or not hasattr(optimizer, "_new_buffer"):
+        return
+    params = dict(model.named_parameters())
+    for name, key, signed in low_bit:
+        param = params[name]
+        buffer = optimizer._new_buffer(param, signed)  # torchao's own constructor: DTensor-wrapped, right block size
+        buffer.copy_(optimizer.state[param][key])  # quantizes
+        optimizer.state[param][key] = buffer
 
 
 def _read_state(checkpoint_dir: Path, *, full_optimizer_state: bool) -> dict:
