@@ -281,7 +281,7 @@ class FullFinetuneRecipeDistributed:
         world_size = self.dist.world_size
         # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
         local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-        local_input_tokens = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+        local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
         num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
             [local_label_tokens, local_input_tokens], self.device
         )

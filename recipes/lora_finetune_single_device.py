@@ -265,7 +265,7 @@ class LoRAFinetuneRecipeSingleDevice:
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             loss.backward()
             step_loss += loss.item()
-            num_input_tokens += int((batch["tokens"] != self.tokenizer.pad_id).sum())
+            num_input_tokens += int(batch["seq_lens"].sum())  # real tokens, no padding
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)

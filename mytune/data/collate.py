@@ -18,6 +18,8 @@ def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_
     padded label positions are ignored by the loss. Packed items also carry "position_ids" (padded with 0) and
     "document_ids" (padded with -1, so padding is a document of its own); with `attn_mask=True` the batch also gets
     "attn_mask", the bool `[b, 1, s, s]` mask of `document_attention_mask` (large: prefer letting the model build it).
+    "seq_lens" holds each row's real length: the tokens a step processed (pad_id often equals eos_id, so counting
+    `tokens != pad_id` would miss every sample's final eos).
     """
     max_len = max(len(item["tokens"]) for item in batch)
     if pad_to is not None:
@@ -39,7 +41,8 @@ def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_
         if packed:
             position_ids[row, :length] = torch.as_tensor(item["position_ids"], dtype=torch.long)
             document_ids[row, :length] = torch.as_tensor(item["document_ids"], dtype=torch.long)
-    out = {"tokens": tokens, "labels": labels}
+    seq_lens = torch.tensor([len(item["tokens"]) for item in batch], dtype=torch.long)
+    out = {"tokens": tokens, "labels": labels, "seq_lens": seq_lens}
     if packed:
         out["position_ids"] = position_ids
         out["document_ids"] = document_ids

@@ -38,3 +38,10 @@ def test_dataloader_over_instruct_dataset(char_tokenizer):
     for row, length in enumerate(lengths):
         assert batch["tokens"][row, :length].tolist() == dataset[row]["tokens"]
         assert (batch["tokens"][row, length:] == 0).all() and (batch["labels"][row, length:] == -100).all()
+
+
+def test_seq_lens_count_a_final_eos_that_equals_pad_id():
+    """pad_id == eos_id (the demo tokenizer, Llama 2): the real length still counts each sample's eos."""
+    out = padded_collate([{"tokens": [1, 7, 2], "labels": [1, 7, 2]}, {"tokens": [1, 2], "labels": [1, 2]}], pad_id=2)
+    assert out["tokens"].tolist() == [[1, 7, 2], [1, 2, 2]]
+    assert out["seq_lens"].tolist() == [3, 2] and int((out["tokens"] != 2).sum()) == 3
