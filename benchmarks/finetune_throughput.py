@@ -557,15 +557,29 @@ def worker_hf(spec: dict) -> dict:
     trainable = [t for t in model.parameters() if t.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=spec["weight_decay"], fused=cuda)
 
+    def loss_of(batch: dict):
+        # Packed rows: no attention mask, position ids restarting per sample -> transformers builds the
+        # block-causal mask (masking_utils.find_packed_sequence_indices); labels are shifted inside the model.
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+
+    return peer_training_loop("hf", spec, batches, loss_of, trainable, optimizer, baseline_rss)
+
+
+def peer_training_loop(framework: str, spec: dict, batches: list[dict], loss_of, trainable: list, optimizer,
+                       baseline_rss: float) -> dict:
+    """The timed loop every peer runs: move the batch, `loss_of(batch)`, backward, clip, step; the same per-step
+    record (loss, seconds, real tokens) and memory figures for each framework."""
+    import torch
+
+    cuda = spec["device"] == "cuda"
+    device = torch.device(spec["device"])
     steps = []
     for index, batch in enumerate(batches):
         start = time.perf_counter()
         batch = {key: value.to(device) for key, value in batch.items()}
-        # Packed rows: no attention mask, position ids restarting per sample -> transformers builds the
-        # block-causal mask (masking_utils.find_packed_sequence_indices); labels are shifted inside the model.
-        out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"])
-        out.loss.backward()
-        loss = out.loss.item()
+        loss_tensor = loss_of(batch)
+        loss_tensor.backward()
+        loss = loss_tensor.item()
         torch.nn.utils.clip_grad_norm_(trainable, spec["max_grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -575,7 +589,7 @@ def worker_hf(spec: dict) -> dict:
         steps.append({"step": index + 1, "loss": loss, "seconds": seconds,
                       "tokens": int((batch["document_ids"] >= 0).sum())})
     cuda_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return worker_result("hf", spec, steps, cuda_peak, peak_rss_gib(), baseline_rss,
+    return worker_result(framework, spec, steps, cuda_peak, peak_rss_gib(), baseline_rss,
                          sum(t.numel() for t in trainable))
 
 
@@ -670,30 +684,15 @@ def worker_torchtune(spec: dict) -> dict:
     trainable = [t for t in model.parameters() if t.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=spec["weight_decay"], fused=cuda)
 
-    steps = []
-    for index, batch in enumerate(batches):
-        start = time.perf_counter()
-        batch = {key: value.to(device) for key, value in batch.items()}
+    def loss_of(batch: dict):
         documents = batch["document_ids"]
         seq = documents.shape[1]
         causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
         mask = (documents[:, :, None] == documents[:, None, :]) & causal  # True = attend (torchtune's convention)
         labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # torchtune recipes shift here
-        logits = model(batch["tokens"], mask=mask, input_pos=batch["position_ids"])
-        loss_tensor = loss_fn(logits, labels)
-        loss_tensor.backward()
-        loss = loss_tensor.item()
-        torch.nn.utils.clip_grad_norm_(trainable, spec["max_grad_norm"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        steps.append({"step": index + 1, "loss": loss, "seconds": seconds,
-                      "tokens": int((batch["document_ids"] >= 0).sum())})
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return worker_result("torchtune", spec, steps, cuda_peak, peak_rss_gib(), baseline_rss,
-                         sum(t.numel() for t in trainable))
+        return loss_fn(model(batch["tokens"], mask=mask, input_pos=batch["position_ids"]), labels)
+
+    return peer_training_loop("torchtune", spec, batches, loss_of, trainable, optimizer, baseline_rss)
 
 
 def partial_call(fn, **kwargs):
