@@ -99,8 +99,8 @@ class LoRAFinetuneRecipeDistributed:
         Rank 0 builds the whole float32 LoRA model on the CPU (base, then `apply_lora`, seeded like the single-device
         recipe) and keeps its state dict; a resumed run then reads the trained adapters back from the step's
         `adapter/` into it. The other ranks only learn the shapes. Every rank then builds the LoRA model on the meta
-        device, shards it and receives its shards. Weights stay float32 with dtype=bf16 too: the FSDP
-        mixed-precision policy casts them for compute.
+        device, shards it and receives its shards. With dtype=bf16 the frozen base is stored in bf16 and the
+        adapters stay float32 masters (the FSDP mixed-precision policy casts them for compute).
         """
         p = self.params
         full_state_dict = None
@@ -135,6 +135,12 @@ class LoRAFinetuneRecipeDistributed:
         with torch.device("meta"):
             self.model = TransformerDecoder(args)
         self.apply_lora(self.model)  # the same modules on the meta device (nothing allocated, no random numbers)
+        if p.dtype == "bf16":
+            # The frozen base needs no float32 master copy (it is never updated): stored in bf16 its shards take
+            # half the memory. Adapters stay float32 masters; compute is bf16 either way.
+            for param in self.model.parameters():
+                if not param.requires_grad and type(param.data) is torch.Tensor:  # not NF4: QLoRA keeps its own
+                    param.data = param.data.to(torch.bfloat16)
         # Before sharding; neither changes parameter names or state-dict keys.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)

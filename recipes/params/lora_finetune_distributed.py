@@ -82,7 +82,7 @@ class LoRAFinetuneDistributedParams:
     resume_from_checkpoint: str = ""  # "" = a fresh run; latest = the newest complete step_<N> of output_dir (fresh if none); or a step_<N> path
 
     # Precision, device, reproducibility, logging
-    dtype: Literal["bf16", "fp32"] = "bf16"  # compute and save dtype; the sharded base, adapters, their grads and AdamW state stay fp32
+    dtype: Literal["bf16", "fp32"] = "bf16"  # compute, save and frozen-base dtype; adapters, their grads and AdamW state stay fp32
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
     seed: int = 0  # seeds model init, adapter init, data order and dropout

@@ -130,16 +130,18 @@ def run_world_of_one(tmp_path: Path, *overrides: str):
     return dist_recipe.LoRAFinetuneRecipeDistributed(params)
 
 
-def test_bf16_dora_keeps_fp32_sharded_params_trains_adapters_only_as_a_world_of_one(tmp_path):
+def test_bf16_dora_keeps_a_bf16_base_and_fp32_adapters_trains_adapters_only_as_a_world_of_one(tmp_path):
     """Without torchrun the recipe is a 1-process group; the base is frozen, only adapters reach AdamW."""
     recipe = run_world_of_one(tmp_path, "dtype=bf16", "use_dora=true", "max_steps_per_epoch=2", "batch_size=2",
                               "max_seq_len=64", "lora_target_modules=[linear_qkv,linear_fc2]")
     try:
         recipe.setup()
         params = dict(recipe.model.named_parameters())
-        assert {p.dtype for p in params.values()} == {torch.float32}
         assert all(isinstance(p, DTensor) for p in params.values())
         trainable = {name for name, p in params.items() if p.requires_grad}
+        # bf16: the frozen base is stored in bf16 (half the memory of float32), the adapters are float32 masters.
+        assert {p.dtype for n, p in params.items() if n in trainable} == {torch.float32}
+        assert {p.dtype for n, p in params.items() if n not in trainable} == {torch.bfloat16}
         assert trainable and all(".lora_" in name for name in trainable)
         assert {id(p) for g in recipe.optimizer.param_groups for p in g["params"]} == {id(params[n]) for n in trainable}
         frozen_before = params["model.embed_tokens.weight"].full_tensor().clone()
