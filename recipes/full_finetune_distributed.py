@@ -13,8 +13,10 @@ files, while every rank takes part in gathering the weights and the sharded opti
 
 Checkpoints: `output_dir/step_<N>/` holds the Hugging Face files plus `recipe_state.pt` (the full, unsharded optimizer
 state, LR schedule, RNG, data position, step and epoch), so `resume_from_checkpoint=latest` continues the run where it
-stopped, also on another number of processes. With dtype=bf16 the HF files hold bf16 weights, so a resumed bf16 run
-restarts from the fp32 master weights rounded to bf16 (fp32 runs resume exactly).
+stopped, also on another number of processes. The HF files hold the float32 master weights also with dtype=bf16
+(as transformers' Trainer saves a mixed-precision run): rounding them to bf16 would drop the part of the fine-tune's
+updates below bf16's resolution, and a resumed run would not continue from where it stopped. Load them in bf16 for
+inference (`torch_dtype=torch.bfloat16`).
 """
 
 import dataclasses
@@ -362,8 +364,7 @@ class FullFinetuneRecipeDistributed:
             return out_dir
         full_model = distributed.gather_full_model(self.model)
         if self.is_rank_zero:
-            dtype = torch.bfloat16 if p.dtype == "bf16" else torch.float32
-            save_hf_checkpoint(full_model, out_dir, dtype=dtype)
+            save_hf_checkpoint(full_model, out_dir, dtype=torch.float32)  # the master weights, exactly
             write_tokenizer_files(self.tokenizer, out_dir)
         del full_model
         save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, model=self.model,

@@ -73,7 +73,7 @@ class FullFinetuneDistributedParams:
     resume_from_checkpoint: str = ""  # "" = a fresh run; latest = the newest complete step_<N> of output_dir (fresh if none); or a step_<N> path
 
     # Precision, device, reproducibility, logging
-    dtype: Literal["bf16", "fp32"] = "bf16"  # compute dtype; parameters, gradients and AdamW state stay fp32 (sharded)
+    dtype: Literal["bf16", "fp32"] = "bf16"  # compute dtype; parameters (saved as such), gradients and AdamW state stay fp32 (sharded)
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
     seed: int = 0  # seeds model init, data order and dropout
