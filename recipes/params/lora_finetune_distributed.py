@@ -1,17 +1,16 @@
 """Parameters of the `lora_finetune_distributed` recipe: the one schema for its YAML configs and `--override`s.
 
 The fields and their meaning are those of `lora_finetune_single_device` (so a config moves between the two by
-changing its device and sizes), plus `cpu_offload`. `batch_size`
-is per process: the global batch of one optimizer step is batch_size * gradient_accumulation_steps * world size.
+changing its device and sizes), plus `cpu_offload`. `batch_size` is per process: the global batch of one optimizer
+step is batch_size * gradient_accumulation_steps * world size.
 """
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mytune.errors import ConfigError, MytuneError
-
-DATASET_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "text")  # keys of column_map
-CHAT_TEMPLATES = ("alpaca", "llama2", "llama3", "chatml", "tokenizer")
+from mytune.config.validation import (
+    check_data_fields, check_distributed_device, check_lora_fields, check_training_fields,
+)
 
 
 @dataclass
@@ -92,86 +91,7 @@ class LoRAFinetuneDistributedParams:
     profile_steps: int = 3  # optimizer steps recorded by the profiler (after 1 skipped and 1 warm-up step)
 
     def __post_init__(self) -> None:
-        if not self.checkpoint_dir and not self.model:
-            raise ConfigError("checkpoint_dir is empty: set checkpoint_dir=<Hugging Face model dir> (or model=<builder> for a random start)")
-        if not self.dataset_path:
-            raise ConfigError("dataset_path is empty: set dataset_path=<data file, folder or hub dataset name>")
-        if not self.checkpoint_dir and not self.tokenizer_path:
-            raise ConfigError("tokenizer_path is empty and there is no checkpoint_dir to take the tokenizer from: set tokenizer_path=...")
-        if not self.output_dir:
-            raise ConfigError("output_dir is empty: set output_dir=<directory for checkpoints and metrics>")
-        for name in ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
-                     "lora_rank", "loss_chunk_size", "profile_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
-        if self.save_every_n_steps < 0:
-            raise ConfigError(f"save_every_n_steps must be >= 0 (0: only after the last step), got {self.save_every_n_steps}")
-        if self.keep_last_n_checkpoints is not None and self.keep_last_n_checkpoints < 1:
-            raise ConfigError(f"keep_last_n_checkpoints must be >= 1 or null (keep all), got {self.keep_last_n_checkpoints}")
-        from mytune.training.metrics import check_metric_loggers  # here: importing the params stays torch-free
-        from mytune.training.optim import check_optimizer
-
-        check_optimizer(self.optimizer)
-        check_metric_loggers(self.metric_loggers)
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        from mytune.modules.lora import resolve_lora_targets  # local: parsing other recipes' params stays torch-free
-
-        try:
-            resolve_lora_targets(self.lora_target_modules)
-        except MytuneError as err:
-            raise ConfigError(str(err)) from None
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda (each rank takes cuda:LOCAL_RANK), got {self.device!r}")
-        if self.device == "cuda":
-            from mytune.training.device import check_device_available
-
-            check_device_available(self.device)
-        if self.cpu_offload and self.device == "cpu":
-            raise ConfigError("cpu_offload=true needs a GPU run (device=cuda or auto); with device=cpu everything is on the CPU already")
-        self._check_data()
-
-    def _check_data(self) -> None:
-        if self.dataset_format not in ("auto", "instruct", "chat", "text"):
-            raise ConfigError(f"dataset_format must be auto, instruct, chat or text, got {self.dataset_format!r}")
-        for ours, theirs in self.column_map.items():
-            if ours not in DATASET_COLUMNS:
-                raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
-                                  f"({', '.join(DATASET_COLUMNS)}), values your dataset's names for them")
-            if not isinstance(theirs, str) or not theirs:
-                raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
-        is_jinja = "{{" in self.chat_template or "{%" in self.chat_template
-        if self.chat_template and self.chat_template not in CHAT_TEMPLATES and not is_jinja:
-            raise ConfigError(f"chat_template must be empty (the tokenizer's own), one of {', '.join(CHAT_TEMPLATES)} "
-                              f"or a Jinja template string, got {self.chat_template!r}")
-        if self.chat_template == "alpaca" and self.dataset_format == "chat":
-            raise ConfigError("chat_template=alpaca renders instruct rows only; for dataset_format=chat use "
-                              "llama2, llama3, chatml or tokenizer")
-        if self.truncation not in ("truncate", "drop"):
-            raise ConfigError(f"truncation must be truncate or drop, got {self.truncation!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be >= 0 and < 1, got {self.val_fraction}")
-        if self.dataset_val and self.val_fraction > 0:
-            raise ConfigError("dataset_val and val_fraction are both set: validate on dataset_val (val_fraction=0) "
-                              "or on a fraction of dataset_path (dataset_val empty)")
-        if self.eval_every_n_steps < 0:
-            raise ConfigError(f"eval_every_n_steps must be >= 0 (0: only after the last step), got {self.eval_every_n_steps}")
-        if self.eval_every_n_steps > 0 and not (self.dataset_val or self.val_fraction > 0):
-            raise ConfigError(f"eval_every_n_steps={self.eval_every_n_steps} but there is no validation data: "
-                              "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
-        if self.max_eval_batches is not None and self.max_eval_batches < 1:
-            raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {self.max_eval_batches}")
+        check_training_fields(self)
+        check_lora_fields(self)
+        check_distributed_device(self)
+        check_data_fields(self)

@@ -1,0 +1,120 @@
+"""Checks the fine-tuning params dataclasses share: one place for each rule, one ConfigError line naming the field.
+
+The four fine-tuning recipes read the same fields with the same meaning (the model and data sources, the optimizer
+and schedule, checkpoints, the data pipeline's options); their params call these from `__post_init__` and add their
+own checks (device, LoRA). Importing this module stays torch-free: `mytune ls` / `--help` parse params without torch.
+"""
+
+from typing import Any
+
+from mytune.errors import ConfigError, MytuneError
+
+DATASET_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "text")  # keys of column_map
+CHAT_TEMPLATES = ("alpaca", "llama2", "llama3", "chatml", "tokenizer")
+POSITIVE_INT_FIELDS = ("max_seq_len", "epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
+                       "loss_chunk_size", "profile_steps")
+
+
+def check_training_fields(p: Any) -> None:
+    """Sources (model, data, tokenizer, output), sizes, optimizer, schedule, checkpoints, loggers and dtype."""
+    if not p.checkpoint_dir and not p.model:
+        raise ConfigError("checkpoint_dir is empty: set checkpoint_dir=<Hugging Face model dir> (or model=<builder> for a random start)")
+    if not p.dataset_path:
+        raise ConfigError("dataset_path is empty: set dataset_path=<data file, folder or hub dataset name>")
+    if not p.checkpoint_dir and not p.tokenizer_path:
+        raise ConfigError("tokenizer_path is empty and there is no checkpoint_dir to take the tokenizer from: set tokenizer_path=...")
+    if not p.output_dir:
+        raise ConfigError("output_dir is empty: set output_dir=<directory for checkpoints and metrics>")
+    for name in POSITIVE_INT_FIELDS:
+        if getattr(p, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")
+    if p.max_steps_per_epoch is not None and p.max_steps_per_epoch < 1:
+        raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {p.max_steps_per_epoch}")
+    if p.lr <= 0:
+        raise ConfigError(f"lr must be > 0, got {p.lr}")
+    if p.weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {p.weight_decay}")
+    if p.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {p.warmup_steps}")
+    if p.max_grad_norm is not None and p.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm must be > 0 or null, got {p.max_grad_norm}")
+    if p.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"dtype must be bf16 or fp32, got {p.dtype!r}")
+    if p.save_every_n_steps < 0:
+        raise ConfigError(f"save_every_n_steps must be >= 0 (0: only after the last step), got {p.save_every_n_steps}")
+    if p.keep_last_n_checkpoints is not None and p.keep_last_n_checkpoints < 1:
+        raise ConfigError(f"keep_last_n_checkpoints must be >= 1 or null (keep all), got {p.keep_last_n_checkpoints}")
+    from mytune.training.metrics import check_metric_loggers  # torch-free modules' checks, imported when used
+    from mytune.training.optim import check_optimizer
+
+    check_optimizer(p.optimizer)
+    check_metric_loggers(p.metric_loggers)
+
+
+def check_lora_fields(p: Any) -> None:
+    """The adapter's rank, alpha, dropout and target module names."""
+    if p.lora_rank < 1:
+        raise ConfigError(f"lora_rank must be >= 1, got {p.lora_rank}")
+    if p.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {p.lora_alpha}")
+    if not 0 <= p.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {p.lora_dropout}")
+    from mytune.modules.lora import resolve_lora_targets  # local: parsing other recipes' params stays light
+
+    try:
+        resolve_lora_targets(p.lora_target_modules)
+    except MytuneError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_distributed_device(p: Any) -> None:
+    """FSDP runs on cpu (gloo) or cuda (each rank its cuda:LOCAL_RANK); CPU offload only makes sense from a GPU."""
+    if p.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda (each rank takes cuda:LOCAL_RANK), got {p.device!r}")
+    if p.device == "cuda":
+        from mytune.training.device import check_device_available
+
+        check_device_available(p.device)
+    if p.cpu_offload and p.device == "cpu":
+        raise ConfigError("cpu_offload=true needs a GPU run (device=cuda or auto); with device=cpu everything is on the CPU already")
+
+
+def check_single_device(p: Any) -> None:
+    """A named device (cuda, cuda:N, mps) must exist here; auto and cpu always do."""
+    if p.device not in ("auto", "cpu"):
+        from mytune.training.device import check_device_available
+
+        check_device_available(p.device)
+
+
+def check_data_fields(p: Any) -> None:
+    """The data pipeline's options: row format, column map, prompt template, truncation and validation split."""
+    if p.dataset_format not in ("auto", "instruct", "chat", "text"):
+        raise ConfigError(f"dataset_format must be auto, instruct, chat or text, got {p.dataset_format!r}")
+    for ours, theirs in p.column_map.items():
+        if ours not in DATASET_COLUMNS:
+            raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
+                              f"({', '.join(DATASET_COLUMNS)}), values your dataset's names for them")
+        if not isinstance(theirs, str) or not theirs:
+            raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
+    is_jinja = "{{" in p.chat_template or "{%" in p.chat_template
+    if p.chat_template and p.chat_template not in CHAT_TEMPLATES and not is_jinja:
+        raise ConfigError(f"chat_template must be empty (the tokenizer's own), one of {', '.join(CHAT_TEMPLATES)} "
+                          f"or a Jinja template string, got {p.chat_template!r}")
+    if p.chat_template == "alpaca" and p.dataset_format == "chat":
+        raise ConfigError("chat_template=alpaca renders instruct rows only; for dataset_format=chat use "
+                          "llama2, llama3, chatml or tokenizer")
+    if p.truncation not in ("truncate", "drop"):
+        raise ConfigError(f"truncation must be truncate or drop, got {p.truncation!r}")
+    if not 0 <= p.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be >= 0 and < 1, got {p.val_fraction}")
+    if p.dataset_val and p.val_fraction > 0:
+        raise ConfigError("dataset_val and val_fraction are both set: validate on dataset_val (val_fraction=0) "
+                          "or on a fraction of dataset_path (dataset_val empty)")
+    if p.eval_every_n_steps < 0:
+        raise ConfigError(f"eval_every_n_steps must be >= 0 (0: only after the last step), got {p.eval_every_n_steps}")
+    if p.eval_every_n_steps > 0 and not (p.dataset_val or p.val_fraction > 0):
+        raise ConfigError(f"eval_every_n_steps={p.eval_every_n_steps} but there is no validation data: "
+                          "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
+    if p.max_eval_batches is not None and p.max_eval_batches < 1:
+        raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {p.max_eval_batches}")
