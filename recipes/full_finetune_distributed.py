@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint
-from mytune.config import TuneArgumentParser, find_missing_paths
+from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
     ResumableSampler,
@@ -394,9 +394,7 @@ def report_dataset(field: str, dataset) -> None:
 
 def recipe_main(params: FullFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved checkpoint."""
-    missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
-    if missing:
-        raise MytuneError(missing[0])
+    require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
     try:
         recipe = FullFinetuneRecipeDistributed(params)
         recipe.setup()

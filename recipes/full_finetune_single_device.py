@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mytune.checkpoint import load_hf_model, save_hf_checkpoint
-from mytune.config import TuneArgumentParser, find_missing_paths
+from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
     ResumableSampler,
@@ -311,9 +311,7 @@ def recipe_main(params: FullFinetuneParams) -> Path:
     """Run the whole recipe; returns the directory of the saved checkpoint."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MytuneError("full_finetune_single_device runs on one device; use full_finetune_distributed under torchrun")
-    missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
-    if missing:
-        raise MytuneError(missing[0])
+    require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
     recipe = FullFinetuneRecipeSingleDevice(params)
     recipe.setup()
     recipe.train()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mytune.checkpoint import load_hf_model
-from mytune.config import TuneArgumentParser, find_missing_paths
+from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data.encoding import TextEncoder, special_token_strings
 from mytune.data.formats import RowError
 from mytune.data.templates import (
@@ -154,9 +154,7 @@ def _synchronize(device: torch.device) -> None:
 
 def recipe_main(params: GenerateParams) -> list[str]:
     """Generate, print the completions to stdout and the speed to stderr; returns the completions."""
-    missing = find_missing_paths(params)
-    if missing:
-        raise MytuneError(missing[0])
+    require_input_paths(params)
     recipe = GenerateRecipe(params)
     recipe.load_checkpoint()
     prompt_ids, stop_ids = recipe.prompt_ids()

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mytune.checkpoint import load_hf_model, load_peft_adapter, save_hf_checkpoint, save_peft_adapter
-from mytune.config import TuneArgumentParser, find_missing_paths
+from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
     ResumableSampler,
@@ -358,9 +358,7 @@ def recipe_main(params: LoRAFinetuneParams) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MytuneError("lora_finetune_single_device runs on one device; use lora_finetune_distributed under "
                           "torchrun")
-    missing = find_missing_paths(params)  # hub dataset names (owner/name) are not missing paths
-    if missing:
-        raise MytuneError(missing[0])
+    require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
     recipe = LoRAFinetuneRecipeSingleDevice(params)
     recipe.setup()
     recipe.train()

@@ -5,7 +5,6 @@ with `torch.load(weights_only=True)` as a fallback for old checkpoints.
 """
 
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 

@@ -147,7 +147,7 @@ def precheck(recipe, recipe_args: list[str], *, validate: bool) -> None:
         params_cls = recipes.load_params_class(path)
     except Exception:  # no params file, or one the recipe loads its own way: the recipe reports its own errors
         return
-    from mytune.config import TuneArgumentParser, find_missing_paths
+    from mytune.config import TuneArgumentParser, require_input_paths
 
     parser = TuneArgumentParser(params_cls, recipe=path, prog=recipe.stem)
     config = config_argument(recipe_args)
@@ -160,6 +160,4 @@ def precheck(recipe, recipe_args: list[str], *, validate: bool) -> None:
             check_config_fits(recipe.stem, params_cls, config_path, this_recipe=path)
     if validate:
         params = parser.parse_params(recipe_args)  # user errors: one line `<recipe>: error: ...`, SystemExit(2)
-        missing = find_missing_paths(params)
-        if missing:
-            raise MytuneError(missing[0])
+        require_input_paths(params)

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from mytune.config.docs import field_docs
+from mytune.errors import MytuneError
 
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
@@ -38,3 +39,10 @@ def find_missing_paths(params: object) -> list[str]:
         expected = docs.get(name, "an existing file or directory")
         missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})")
     return missing
+
+
+def require_input_paths(params: object) -> None:
+    """Raise MytuneError with the first of `find_missing_paths(params)`: checked before any heavy work starts."""
+    missing = find_missing_paths(params)
+    if missing:
+        raise MytuneError(missing[0])

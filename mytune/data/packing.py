@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from mytune.modules.attention import document_causal_mask as document_attention_mask  # noqa: F401  (re-exported)
 

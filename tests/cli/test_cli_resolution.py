@@ -2,7 +2,6 @@
 moved params file or a config written for another recipe. In-process, against the fake layout of conftest.py."""
 
 import sys
-from pathlib import Path
 
 import pytest
 

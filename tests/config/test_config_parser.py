@@ -135,7 +135,7 @@ def test_override_may_interpolate(tmp_path):
 
 
 def test_asset_resolver_from_any_cwd_and_copied_config(tmp_path, monkeypatch):
-    copied = write_yaml(tmp_path, "data_path: ${asset:demo/tokenizer.model}\n", name="copied.yaml")
+    write_yaml(tmp_path, "data_path: ${asset:demo/tokenizer.model}\n", name="copied.yaml")
     monkeypatch.chdir(tmp_path)
     params = make_parser().parse_params(["--config", "copied.yaml"])
     expected = Path(mytune.__file__).resolve().parent / "assets" / "demo" / "tokenizer.model"
