@@ -41,11 +41,11 @@ def copy_config(recipe: str, config: str, dest: str | Path, *, force: bool = Fal
         (p for p in (configs_dir / f"{config}.yaml", configs_dir / f"{config}.yml") if p.is_file()), None
     ) if configs_dir is not None else None
     if source is None:
-        from mytune.cli.recipes import closest
+        from mytune.cli.recipes import did_you_mean
 
         names = configs.config_names(recipe)
-        close = closest(config, names)
-        hint = f"did you mean {', '.join(f'`{recipe}/{c}`' for c in close)}?" if close else f"configs of {recipe}: {', '.join(names) or 'none'}"
+        hint = did_you_mean(config, names, f"configs of {recipe}: {', '.join(names) or 'none'}",
+                            show=lambda c: f"{recipe}/{c}")
         raise MytuneError(f"unknown config `{recipe}/{config}`: {hint}")
     target = _target(dest, source.name)
     _refuse_overwrite([target], force)

@@ -16,7 +16,7 @@ from mytune.errors import MytuneError
 
 def call_recipe_function(module_name: str, function_name: str, argv: list[str]) -> int:
     """Import `module_name` (the current directory first on sys.path, as `python -m`) and call its function."""
-    from mytune.cli.recipes import closest, cwd_on_sys_path
+    from mytune.cli.recipes import cwd_on_sys_path, did_you_mean
 
     with cwd_on_sys_path():
         module = importlib.import_module(module_name)
@@ -24,8 +24,7 @@ def call_recipe_function(module_name: str, function_name: str, argv: list[str]) 
     if not callable(function):
         functions = [name for name, obj in vars(module).items() if callable(obj) and not name.startswith("_")
                      and getattr(obj, "__module__", None) == module.__name__]
-        close = closest(function_name, functions)
-        hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else f"its functions: {', '.join(functions) or 'none'}"
+        hint = did_you_mean(function_name, functions, f"its functions: {', '.join(functions) or 'none'}")
         raise MytuneError(f"module `{module_name}` has no function `{function_name}`: {hint}")
     result = function(list(argv))
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

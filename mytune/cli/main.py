@@ -13,7 +13,6 @@ docs/launching.md describes every form.
 `ls`, `cp` and `--help` only list and copy files, so they never import torch and answer at once.
 """
 
-import argparse
 import runpy
 import sys
 from pathlib import Path
@@ -45,13 +44,6 @@ commands:
                                              write (and with --submit, sbatch) a Slurm script running
                                              the same command under srun + torchrun
 """
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse for the small sub-commands: errors are one `MytuneError` line, not a usage dump."""
-
-    def error(self, message: str):
-        raise MytuneError(f"{self.prog}: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +93,7 @@ def _recipes_table() -> str:
 
 def ls(argv: list[str]) -> int:
     """Print the shipped recipes and, per recipe, its config names."""
-    _OneLineParser(prog="mytune ls", add_help=True).parse_args(argv)
+    recipes.OneLineParser(prog="mytune ls", add_help=True).parse_args(argv)
     print(_recipes_table())
     return 0
 
@@ -110,7 +102,7 @@ def cp(argv: list[str]) -> int:
     """Copy a recipe (+ params) or a config; print what was written."""
     from mytune.cli.copy import copy_config, copy_recipe
 
-    parser = _OneLineParser(prog="mytune cp", description="copy a recipe (with its params) or a config YAML")
+    parser = recipes.OneLineParser(prog="mytune cp", description="copy a recipe (with its params) or a config YAML")
     parser.add_argument("source", help="<recipe> or <recipe>/<config>")
     parser.add_argument("dest", help="a file path, or a directory")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
@@ -124,8 +116,7 @@ def cp(argv: list[str]) -> int:
         written = copy_recipe(args.source, recipe_path, recipes.params_file(recipe_path), args.dest, force=args.force)
     else:
         candidates = list(shipped) + [f"{r}/{c}" for r in shipped for c in configs.config_names(r)]
-        close = recipes.closest(args.source, candidates)
-        hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else "see `mytune ls`"
+        hint = recipes.did_you_mean(args.source, candidates, "see `mytune ls`")
         raise MytuneError(f"unknown recipe or config `{args.source}`: {hint}")
     for path in written:
         print(f"wrote {path}")

@@ -7,6 +7,7 @@
    `python -m` does, with the current directory first on `sys.path`.
 """
 
+import argparse
 import dataclasses
 import difflib
 import importlib
@@ -14,6 +15,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,19 @@ def shipped_recipes() -> dict[str, Path]:
 def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
     """The candidates most like `name` (for "did you mean" hints)."""
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
+
+
+def did_you_mean(name: str, candidates: list[str], otherwise: str, show: Callable[[str], str] = str) -> str:
+    """The hint of an "unknown ..." error: "did you mean `a`, `b`?" for the closest candidates, else `otherwise`."""
+    close = closest(name, candidates)
+    return f"did you mean {', '.join(f'`{show(c)}`' for c in close)}?" if close else otherwise
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the small sub-commands: errors are one `MytuneError` line, not a usage dump."""
+
+    def error(self, message: str):
+        raise MytuneError(f"{self.prog}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +93,7 @@ def resolve_recipe(name_or_path: str) -> Path | ModuleRecipe:
         raise MytuneError(f"recipe file {name_or_path} must be a Python file ending in .py")
     if looks_like_module_path(name_or_path):
         return resolve_module_recipe(name_or_path)
-    close = closest(name_or_path, list(shipped))
-    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else f"shipped recipes: {', '.join(shipped) or 'none'}"
+    hint = did_you_mean(name_or_path, list(shipped), f"shipped recipes: {', '.join(shipped) or 'none'}")
     raise MytuneError(
         f"unknown recipe `{name_or_path}`: {hint} (or pass a recipe .py file or a module path pkg.module[:function]; "
         f"see `mytune ls`)"

@@ -21,13 +21,8 @@ from mytune.cli.checks import precheck
 from mytune.errors import MytuneError
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise MytuneError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = recipes.OneLineParser(
         prog="mytune slurm",
         description="Write an sbatch script that runs a recipe under srun + torchrun on N nodes (and submit it).",
         epilog="Everything from <recipe> on is passed to the recipe, e.g. --config NAME --override key=value.",
