@@ -67,16 +67,8 @@ class FullFinetuneRecipeDistributed:
         self.global_step = 0
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
-        box = [None, None]
-        if self.is_rank_zero:
-            try:
-                box[0] = resolve_resume_dir(params.resume_from_checkpoint, params.output_dir)
-            except MytuneError as err:
-                box[1] = str(err)
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise MytuneError(box[1])
-        self.resume_dir = box[0]
+        self.resume_dir = distributed.decided_by_rank_zero(
+            lambda: resolve_resume_dir(params.resume_from_checkpoint, params.output_dir))
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and the data order

@@ -77,17 +77,8 @@ class LoRAFinetuneRecipeDistributed:
         self.global_step = 0
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
-        box = [None, None]
-        if self.is_rank_zero:
-            try:
-                box[0] = resolve_resume_dir(params.resume_from_checkpoint, params.output_dir,
-                                            needs=(ADAPTER_DIR_NAME,))
-            except MytuneError as err:
-                box[1] = str(err)
-        torch.distributed.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise MytuneError(box[1])
-        self.resume_dir = box[0]
+        self.resume_dir = distributed.decided_by_rank_zero(
+            lambda: resolve_resume_dir(params.resume_from_checkpoint, params.output_dir, needs=(ADAPTER_DIR_NAME,)))
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and adapters, and the data order
@@ -414,7 +405,8 @@ class LoRAFinetuneRecipeDistributed:
         out_dir = self.output_dir / f"step_{self.global_step}"
         if self.last_saved_step == self.global_step:
             return out_dir
-        full_model = self.gather_full_lora_model()
+        # NF4 weights (QLoRA) come back whole; the CPU model gets the same adapters before the tensors go in.
+        full_model = distributed.gather_full_model(self.model, prepare=self.apply_lora)
         if self.is_rank_zero:
             merged = merge_lora(full_model)
             save_hf_checkpoint(merged, out_dir, dtype=self.save_dtype)
@@ -437,23 +429,6 @@ class LoRAFinetuneRecipeDistributed:
                   flush=True)
         distributed.barrier()  # no rank returns before the checkpoint exists
         return out_dir
-
-    def gather_full_lora_model(self) -> TransformerDecoder | None:
-        """All ranks gather the sharded weights; rank 0 gets a CPU LoRA `TransformerDecoder` holding them, others None.
-
-        `distributed.gather_full_model` for a model with adapters: the CPU model gets the same `apply_lora` first.
-        """
-        full = distributed.gather_full_state_dict(self.model)  # NF4 weights (QLoRA) come back as whole NF4Tensors
-        if not self.is_rank_zero:
-            return None
-        with torch.device("meta"):
-            cpu_model = TransformerDecoder(self.model.args)
-        self.apply_lora(cpu_model)
-        cpu_model.load_state_dict(full, strict=True, assign=True)
-        if cpu_model.args.tie_word_embeddings:
-            cpu_model.tie_weights()
-        cpu_model.model.rotary_emb.reset_parameters("cpu")
-        return cpu_model.eval()
 
     def cleanup(self) -> None:
         if self.is_rank_zero:

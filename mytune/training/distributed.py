@@ -31,7 +31,9 @@ models on 2/4/8 ranks), and the world needs 2+ processes (FSDP2's world-of-one p
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -243,17 +245,21 @@ def _full_inner_shape(local: torch.Tensor, name: str, world_size: int) -> torch.
     return shape
 
 
-def gather_full_model(model: TransformerDecoder) -> TransformerDecoder | None:
+def gather_full_model(model: TransformerDecoder,
+                      prepare: Callable[[TransformerDecoder], None] | None = None) -> TransformerDecoder | None:
     """All ranks gather the sharded weights; rank 0 gets a CPU `TransformerDecoder` holding them, others None.
 
     A collective: every rank must call it. The returned model is built on the meta device and takes the gathered
-    CPU tensors as its parameters (no copy), so `save_hf_checkpoint` can write it.
+    CPU tensors as its parameters (no copy), so `save_hf_checkpoint` can write it. `prepare` gives that meta model
+    the structure the sharded one has before the tensors go in (the LoRA recipe passes its `apply_lora`).
     """
     full = gather_full_state_dict(model)
     if full is None:
         return None
     with torch.device("meta"):
         cpu_model = TransformerDecoder(model.args)
+    if prepare is not None:
+        prepare(cpu_model)
     cpu_model.load_state_dict(full, strict=True, assign=True)
     if model.args.tie_word_embeddings:
         cpu_model.tie_weights()
@@ -305,6 +311,21 @@ def _gather_nf4(weight: torch.Tensor) -> torch.Tensor:
         _all_gather_single(inner[name], shard, group=group)
     return NF4Tensor(*construct_nf4_args(local, {**inner, "size": weight.shape, "stride": weight.stride(),
                                                   "n_blocks": weight.numel() // local.block_size}))
+
+
+def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
+    """Run `decide` on rank 0 only and return its (small, picklable) result on every rank, so all ranks agree (e.g.
+    on which checkpoint to resume from); a MytuneError it raises is raised on every rank, with rank 0's message."""
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = decide()
+        except MytuneError as err:
+            box[1] = str(err)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise MytuneError(box[1])
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
