@@ -223,15 +223,15 @@ class FullFinetuneRecipeSingleDevice:
         p = self.params
         # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
         num_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-        num_input_tokens = 0
-        step_loss = 0.0
+        num_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
+        micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = {key: value.to(self.device) for key, value in batch.items()}
             with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             loss.backward()
-            step_loss += loss.item()
-            num_input_tokens += int(batch["seq_lens"].sum())  # real tokens, no padding
+            micro_losses.append(loss.detach())
+        step_loss = sum(loss.item() for loss in micro_losses)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)

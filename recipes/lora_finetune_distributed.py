@@ -324,7 +324,7 @@ class LoRAFinetuneRecipeDistributed:
         num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
             [local_label_tokens, local_input_tokens], self.device
         )
-        local_loss = 0.0
+        micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = {key: value.to(self.device) for key, value in batch.items()}
             with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
@@ -332,7 +332,8 @@ class LoRAFinetuneRecipeDistributed:
             # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
             # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
             (loss * world_size).backward()
-            local_loss += loss.item()
+            micro_losses.append(loss.detach())
+        local_loss = sum(loss.item() for loss in micro_losses)
         (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
