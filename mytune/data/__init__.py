@@ -16,7 +16,7 @@ Batches: `tokens`, `labels` (not shifted; -100 = no loss) `[b, s]`, and for pack
 from mytune.data.cache import default_cache_dir
 from mytune.data.collate import padded_collate
 from mytune.data.formats import DATASET_FORMATS, Example, RowError, detect_format
-from mytune.data.instruct import InstructDataset, InstructTokenizer, validate_instruct_row
+from mytune.data.instruct import InstructDataset, InstructTokenizer
 from mytune.data.packing import document_attention_mask, greedy_pack
 from mytune.data.rows import RowTable, load_rows, read_rows
 from mytune.data.sampler import ResumableDataLoader, ResumableSampler
@@ -69,5 +69,4 @@ __all__ = [
     "read_rows",
     "sft_dataset_from_rows",
     "split_validation",
-    "validate_instruct_row",
 ]

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from mytune.data.formats import RowError, to_example
 from mytune.data.sft import CROSS_ENTROPY_IGNORE_INDEX, SFTDataset, sft_dataset_from_rows
 from mytune.data.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, alpaca_prompt
-from mytune.errors import MytuneError
 
 __all__ = ["ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "CROSS_ENTROPY_IGNORE_INDEX", "InstructDataset",
-           "InstructTokenizer", "alpaca_prompt", "validate_instruct_row"]
+           "InstructTokenizer", "alpaca_prompt"]
 
 
 class InstructTokenizer(Protocol):
@@ -29,14 +27,6 @@ class InstructTokenizer(Protocol):
     pad_id: int
 
     def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
-
-
-def validate_instruct_row(row: object, index: int, source: str) -> None:
-    """Raise a one-line `MytuneError` naming `source` and the 0-based row `index` if `row` is not a valid alpaca row."""
-    try:
-        to_example(row, "instruct", {})
-    except RowError as err:
-        raise MytuneError(f"{source} row {index} (0-based): {err}") from None
 
 
 class InstructDataset(SFTDataset):

@@ -197,11 +197,6 @@ class PromptRenderer:
         self.eos_token = eos_token
         self._jinja = None
 
-    @property
-    def identity(self) -> str:
-        """What the rendering depends on (for the tokenization cache key)."""
-        return f"{self.template}\0{self.bos_token}\0{self.eos_token}"
-
     def __getstate__(self):
         return {**self.__dict__, "_jinja": None}
 

@@ -36,10 +36,8 @@ def check_device_available(name: str, field: str = "device") -> None:
         raise ConfigError(f"{field}={name!r} but MPS is not available on this machine; use device=cpu")
 
 
-def set_seed(seed: int) -> torch.Generator:
-    """Seed python, torch (and CUDA) RNGs; returns a generator for the data sampler so shuffling is reproducible."""
+def set_seed(seed: int) -> None:
+    """Seed the python and torch (and CUDA) RNGs: model init, adapter init and dropout. (The data order has its own
+    seeded generator in the sampler.)"""
     random.seed(seed)
     torch.manual_seed(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator

@@ -49,7 +49,7 @@ def maybe_profile(enabled: bool, output_dir: str | Path, wait: int = 1, warmup: 
 
 
 def peak_memory_gib(device: torch.device | str) -> float:
-    """Peak memory of this process in GiB (2**30 bytes) since the start or the last `reset_peak_memory(device)`.
+    """Peak memory of this process in GiB (2**30 bytes) since it started.
 
     CUDA: `torch.cuda.max_memory_allocated` (tensors only, not the caching allocator's reserve). CPU: the peak
     resident set size of the whole process (`ru_maxrss`; includes the Python interpreter and libraries, and cannot
@@ -61,13 +61,6 @@ def peak_memory_gib(device: torch.device | str) -> float:
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     bytes_per_unit = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return max_rss * bytes_per_unit / 2**30
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Start a new peak for `peak_memory_gib` (CUDA only; a no-op on the CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def matmul_params(args: ModelArgs) -> int:

@@ -63,10 +63,10 @@ def save_recipe_state(
     """
     checkpoint_dir = Path(checkpoint_dir)
     _check_weights_only_loadable({"dataloader_state": dataloader_state, "extra": extra or {}})
-    rng_per_rank = None
+    rng, rng_per_rank = _rng_state(), None
     if model is not None and torch.distributed.is_initialized():
         rng_per_rank = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(rng_per_rank, _rng_state())
+        torch.distributed.all_gather_object(rng_per_rank, rng)
     if model is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -84,7 +84,7 @@ def save_recipe_state(
         "optimizer": optimizer_state,
         "optimizer_full_state_dict": model is not None,
         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-        "rng": _rng_state(),
+        "rng": rng,
         "rng_per_rank": rng_per_rank,
         "dataloader_state": dataloader_state,
         "extra": dict(extra or {}),

@@ -7,7 +7,6 @@ import pytest
 
 from conftest import HFChatAdapter, make_hf
 from mytune.data import (
-    CHATML_JINJA,
     LLAMA2_JINJA,
     LLAMA3_JINJA,
     PromptRenderer,
@@ -16,11 +15,12 @@ from mytune.data import (
 )
 from mytune.data.encoding import TextEncoder
 from mytune.data.formats import Example
+from mytune.data.templates import JINJA_OF_BUILTIN
 from mytune.errors import MytuneError
 
 SPECIALS = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "chatml": ("<|begin_of_text|>", "<|im_end|>"),
             "llama2": ("<s>", "</s>")}
-JINJA = {"llama3": LLAMA3_JINJA, "chatml": CHATML_JINJA, "llama2": LLAMA2_JINJA}
+JINJA = JINJA_OF_BUILTIN
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello world, how are you?"}, {"role": "assistant", "content": "I am fine."}],
