@@ -12,10 +12,8 @@ Hugging Face checkpoint loads into a LoRA model unchanged; the adapter adds `lor
 (DoRA) `lora_magnitude_vector` next to them, PEFT's key names minus its `base_model.model.` prefix.
 """
 
-import contextlib
 import copy
 import difflib
-import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mytune.errors import MytuneError
+from mytune.torchao_import import quiet_torchao_import
 
 # Hugging Face module names LoRA can target, in model order.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -288,23 +287,8 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
                           f"(needs a multiple of {NF4_BLOCK_SIZE} elements); set quantize_base=false")
     n_blocks = weight.numel() // NF4_BLOCK_SIZE
     try:
-        with _quiet_torchao_import():
+        with quiet_torchao_import():
             from torchao.quantization import to_nf4 as torchao_to_nf4
     except ImportError as err:
         raise MytuneError(f"quantize_base=true needs torchao (pip install torchao): {err}") from None
     return torchao_to_nf4(weight.contiguous(), NF4_BLOCK_SIZE, math.gcd(n_blocks, NF4_SCALER_BLOCK_SIZE))
-
-
-@contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    """torchao's import logs warnings on CPU-only or mismatched builds (kernels .so it cannot load, a torch pytree
-    deprecation); they say nothing about NF4, which is pure PyTorch, so hold those two loggers at ERROR meanwhile."""
-    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

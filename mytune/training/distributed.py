@@ -154,7 +154,10 @@ def _torchao_nf4():
     """torchao's NF4Tensor class and its constructor-arguments helper, wherever this torchao version keeps them."""
     import importlib
 
-    from torchao.quantization import NF4Tensor
+    from mytune.torchao_import import quiet_torchao_import
+
+    with quiet_torchao_import():
+        from torchao.quantization import NF4Tensor
 
     return NF4Tensor, importlib.import_module(NF4Tensor.__module__).construct_nf4_args
 

@@ -13,15 +13,14 @@
 Weight decay applies to every parameter, as the recipes did before this module (no norm/bias exclusion).
 """
 
-import contextlib
-import logging
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 
 from mytune.errors import ConfigError, MytuneError
+from mytune.torchao_import import quiet_torchao_import
 
 OptimizerName = Literal["adamw", "sgd", "adamw8bit", "adamw4bit"]
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adamw8bit", "adamw4bit")
@@ -63,7 +62,7 @@ def build_optimizer(
 def _import_torchao_optim():
     """`torchao.optim`, imported with torchao's import-time noise filtered out and its compile warning silenced."""
     try:
-        with _quiet_torchao_import():
+        with quiet_torchao_import():
             import torchao.optim
     except ImportError as err:
         raise MytuneError(f"the low-bit AdamW optimizers need torchao: pip install torchao ({err})") from err
@@ -72,33 +71,3 @@ def _import_torchao_optim():
         "ignore", message=r"OptimState\w+ does not implement _stable_hash_for_caching", category=UserWarning
     )
     return torchao.optim
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in self.fragments)
-
-
-@contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
-    """Drop, during the import only, the two log lines torchao's import emits on builds without its CUDA kernels.
-
-    "Failed to load .../_C_*.so" (kernels this machine cannot load; the optimizers do not use them) and torch's
-    pytree notice about torchao registering an Enum. Every other record of those loggers still comes through.
-    """
-    filters = [
-        (logging.getLogger("torchao"), _DropMessages("Failed to load")),
-        (logging.getLogger("torch.utils._pytree"), _DropMessages("is an Enum subclass and is now natively supported")),
-    ]
-    for logger, log_filter in filters:
-        logger.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        for logger, log_filter in filters:
-            logger.removeFilter(log_filter)
