@@ -71,7 +71,8 @@ class RowTable:
         self.source_index.append(source)
         self.position.append(position)
 
-    def _skip(self, message: str, skip_bad_rows: bool) -> None:
+    def skip(self, message: str, skip_bad_rows: bool) -> None:
+        """A bad row: one MytuneError line, or (with `skip_bad_rows`) counted, its first messages kept."""
         if not skip_bad_rows:
             raise MytuneError(message + " (set skip_bad_rows=true to skip bad rows and count them)")
         self.skipped += 1
@@ -213,10 +214,10 @@ def _read_json_lines(text: str, path: Path, table: RowTable, skip_bad_rows: bool
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            table._skip(f"{path} line {line_number}: invalid JSON: {err.msg} (column {err.colno})", skip_bad_rows)
+            table.skip(f"{path} line {line_number}: invalid JSON: {err.msg} (column {err.colno})", skip_bad_rows)
             continue
         if not isinstance(row, dict):
-            table._skip(f"{path} line {line_number}: row is {_json_type(row)}, expected a JSON object per line",
+            table.skip(f"{path} line {line_number}: row is {_json_type(row)}, expected a JSON object per line",
                         skip_bad_rows)
             continue
         table._append(row, source, line_number)
@@ -258,7 +259,7 @@ def _read_json_list(text: str, path: Path, table: RowTable, skip_bad_rows: bool)
         if isinstance(item, dict):
             table._append(item, source, line)
         else:
-            table._skip(f"{path} line {line}: row {index} (0-based) is {_json_type(item)}, expected a JSON object",
+            table.skip(f"{path} line {line}: row {index} (0-based) is {_json_type(item)}, expected a JSON object",
                         skip_bad_rows)
         index += 1
     if text[position:].strip():
@@ -291,7 +292,7 @@ def _read_csv(text: str, path: Path, table: RowTable, skip_bad_rows: bool) -> No
         if not record or (len(record) == 1 and not record[0].strip()):
             continue
         if len(record) != len(header):
-            table._skip(f"{path} line {start_line}: {len(record)} values but the header has {len(header)} columns",
+            table.skip(f"{path} line {start_line}: {len(record)} values but the header has {len(header)} columns",
                         skip_bad_rows)
             continue
         table._append(dict(zip(header, record)), source, start_line)

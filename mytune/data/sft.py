@@ -258,19 +258,13 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
                           f"{'; '.join(table.skip_messages)})")
     column_map = settings.column_map
     dataset_format = settings.dataset_format or detect_format(table.rows[0], column_map, table.where(0))
+    rows_read = len(table.rows) + table.skipped  # bad rows found below are counted by table.skip too
     examples: list[Example | None] = []
-    skip_messages = list(table.skip_messages)
-    skipped = table.skipped
     for index, row in enumerate(table.rows):
         try:
             examples.append(to_example(row, dataset_format, column_map))
         except RowError as err:
-            if not settings.skip_bad_rows:
-                raise MytuneError(f"{table.where(index)}: {err} "
-                                  "(set skip_bad_rows=true to skip bad rows and count them)") from None
-            skipped += 1
-            if len(skip_messages) < 5:
-                skip_messages.append(f"{table.where(index)}: {err}")
+            table.skip(f"{table.where(index)}: {err}", settings.skip_bad_rows)
             examples.append(None)
 
     template = resolve_template(settings.chat_template, tokenizer, dataset_format)
@@ -282,20 +276,15 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
     lengths = np.concatenate([r.lengths for r in results])
     for result in results:
         for index, message in result.errors:
-            if not settings.skip_bad_rows:
-                raise MytuneError(f"{table.where(index)}: {message} "
-                                  "(set skip_bad_rows=true to skip bad rows and count them)")
-            skipped += 1
-            if len(skip_messages) < 5:
-                skip_messages.append(f"{table.where(index)}: {message}")
+            table.skip(f"{table.where(index)}: {message}", settings.skip_bad_rows)
     kept = lengths[lengths > 0]
-    tokens = np.concatenate([r.tokens for r in results]) if results else np.zeros(0, np.int32)
-    targets = np.concatenate([r.targets for r in results]) if results else np.zeros(0, np.bool_)
+    tokens = np.concatenate([r.tokens for r in results])  # results: one per range, and there is at least one row
+    targets = np.concatenate([r.targets for r in results])
     offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     meta = {
-        "rows": len(table.rows) + table.skipped,
-        "bad_rows_skipped": skipped,
-        "skipped_examples": skip_messages,
+        "rows": rows_read,
+        "bad_rows_skipped": table.skipped,
+        "skipped_examples": table.skip_messages,
         "truncated": sum(r.truncated for r in results),
         "dropped_too_long": int((lengths == _DROPPED).sum()),
         "samples": int(len(kept)),
