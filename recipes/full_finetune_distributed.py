@@ -401,9 +401,7 @@ def recipe_main(params: FullFinetuneDistributedParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = TuneArgumentParser(
-        FullFinetuneDistributedParams, recipe=__file__, description=FullFinetuneDistributedParams.__doc__
-    )
+    parser = TuneArgumentParser(FullFinetuneDistributedParams, recipe=__file__)
     recipe_main(parser.parse_params(argv))
 
 

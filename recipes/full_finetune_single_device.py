@@ -321,7 +321,7 @@ def recipe_main(params: FullFinetuneParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = TuneArgumentParser(FullFinetuneParams, recipe=__file__, description=FullFinetuneParams.__doc__)
+    parser = TuneArgumentParser(FullFinetuneParams, recipe=__file__)
     recipe_main(parser.parse_params(argv))
 
 

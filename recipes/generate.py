@@ -176,7 +176,7 @@ def recipe_main(params: GenerateParams) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = TuneArgumentParser(GenerateParams, recipe=__file__, description=GenerateParams.__doc__)
+    parser = TuneArgumentParser(GenerateParams, recipe=__file__)
     recipe_main(parser.parse_params(argv))
 
 

@@ -462,9 +462,7 @@ def recipe_main(params: LoRAFinetuneDistributedParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = TuneArgumentParser(
-        LoRAFinetuneDistributedParams, recipe=__file__, description=LoRAFinetuneDistributedParams.__doc__
-    )
+    parser = TuneArgumentParser(LoRAFinetuneDistributedParams, recipe=__file__)
     recipe_main(parser.parse_params(argv))
 
 

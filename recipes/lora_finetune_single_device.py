@@ -368,7 +368,7 @@ def recipe_main(params: LoRAFinetuneParams) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = TuneArgumentParser(LoRAFinetuneParams, recipe=__file__, description=LoRAFinetuneParams.__doc__)
+    parser = TuneArgumentParser(LoRAFinetuneParams, recipe=__file__)
     recipe_main(parser.parse_params(argv))
 
 

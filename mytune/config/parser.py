@@ -24,6 +24,9 @@ class TuneArgumentParser(argparse.ArgumentParser):
         if not (isinstance(params_cls, type) and dataclasses.is_dataclass(params_cls)):
             raise TypeError(f"params_cls must be a dataclass type, got {params_cls!r}")
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        doc = params_cls.__doc__ or ""
+        if not doc.startswith(f"{params_cls.__name__}("):  # dataclass writes the signature when there is no docstring
+            kwargs.setdefault("description", doc)  # `--help` opens with what the params class says it is for
         super().__init__(**kwargs)
         self.params_cls = params_cls
         self.recipe = Path(str(recipe)).stem  # a recipe file or a recipe name: its configs are configs/<stem>/
