@@ -18,6 +18,7 @@ import json
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from mytune.errors import MytuneError
@@ -86,11 +87,12 @@ def load_rows(path: str | Path) -> list[dict]:
 
 
 def read_rows(path: str | Path, *, skip_bad_rows: bool = False, split: str = "train",
-              allow_hub: bool = True) -> RowTable:
+              allow_hub: bool = True, hub: tuple[Any, str] | None = None) -> RowTable:
     """Rows of a local file, a folder of files, or (when `path` does not exist locally) a hub dataset `split`.
 
     With `skip_bad_rows`, lines that are not valid JSON objects are skipped and counted instead of raising.
     An empty file, a missing file and a JSON file that is not a list still raise: nothing sensible can be skipped.
+    `hub` is what `open_hub_dataset(path, split)` returned, when the caller already opened it.
     """
     table = RowTable()
     local = Path(path).expanduser()
@@ -99,8 +101,10 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False, split: str = "tr
             _read_file(file, table, skip_bad_rows)
     elif local.exists():
         _read_file(local, table, skip_bad_rows)
-    elif allow_hub and _looks_like_hub_name(str(path)):
-        _read_hub(str(path), split, table)
+    elif allow_hub and looks_like_hub_name(str(path)):
+        dataset, fingerprint = hub or open_hub_dataset(str(path), split)
+        table.fingerprint.append(fingerprint)
+        _extend_tabular(dataset, f"{path} [{split}]", table)
     else:
         raise MytuneError(f"{path}: dataset file not found; check the dataset path")
     return table
@@ -132,7 +136,7 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _looks_like_hub_name(name: str) -> bool:
+def looks_like_hub_name(name: str) -> bool:
     """`owner/name` or `name`, without a data-file suffix or a path-like start."""
     if Path(name).suffix in FILE_KINDS or name.startswith(("/", ".", "~")) or "\\" in name:
         return False
@@ -310,7 +314,9 @@ def _read_parquet(path: Path, table: RowTable) -> None:
     _extend_tabular(rows, str(path), table)
 
 
-def _read_hub(name: str, split: str, table: RowTable) -> None:
+def open_hub_dataset(name: str, split: str) -> tuple[Any, str]:
+    """The hub dataset `name` [`split`] opened by `datasets` (memory-mapped Arrow: no row is read into Python yet)
+    and its fingerprint, which names the tokenization cache entry before any row is read."""
     try:
         import datasets
     except ImportError:
@@ -323,8 +329,7 @@ def _read_hub(name: str, split: str, table: RowTable) -> None:
     except Exception as err:  # network, missing dataset, missing split: all user-fixable
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MytuneError(f"{name}: could not load split {split!r} from the hub: {message}") from None
-    table.fingerprint.append(f"hub:{name}:{split}:{getattr(dataset, '_fingerprint', '')}:{len(dataset)}")
-    _extend_tabular(dataset, f"{name} [{split}]", table)
+    return dataset, f"hub:{name}:{split}:{getattr(dataset, '_fingerprint', '')}:{len(dataset)}"
 
 
 def _extend_tabular(rows: Iterable[dict], name: str, table: RowTable) -> None:

@@ -35,7 +35,7 @@ from mytune.data.formats import (
     to_example,
 )
 from mytune.data.packing import greedy_pack
-from mytune.data.rows import RowTable, local_fingerprint, read_rows
+from mytune.data.rows import RowTable, local_fingerprint, looks_like_hub_name, open_hub_dataset, read_rows
 from mytune.data.templates import PromptRenderer, resolve_template
 from mytune.errors import ConfigError, MytuneError
 
@@ -195,20 +195,18 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
     """
     settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc)
+    # The data's identity before any row is read: local files by path, size and mtime; a hub dataset once opened.
+    data_id, hub = local_fingerprint(path), None
+    if data_id is None and looks_like_hub_name(str(path)):
+        hub = open_hub_dataset(str(path), split)
+        data_id = [hub[1]]
     key = None
-    if cache_dir is not None:
+    if cache_dir is not None and data_id is not None:  # (no data_id: a missing path, reported by read_rows)
         cache_dir = Path(cache_dir).expanduser()
-        data_id = local_fingerprint(path)  # local files: known without reading them
-        if data_id is not None:
-            key = cache_key(data_id, tokenizer_fingerprint(tokenizer), {**settings.cache_fields(), "split": split})
-            if (cached := load_entry(cache_dir, key)) is not None:
-                return _from_arrays(*cached, settings, train_on_input, packed, cache="hit")
-    table = read_rows(path, skip_bad_rows=skip_bad_rows, split=split)
-    if cache_dir is not None and key is None:  # a hub dataset: its fingerprint is known once loaded
-        key = cache_key(table.fingerprint, tokenizer_fingerprint(tokenizer),
-                        {**settings.cache_fields(), "split": split})
+        key = cache_key(data_id, tokenizer_fingerprint(tokenizer), {**settings.cache_fields(), "split": split})
         if (cached := load_entry(cache_dir, key)) is not None:
             return _from_arrays(*cached, settings, train_on_input, packed, cache="hit")
+    table = read_rows(path, skip_bad_rows=skip_bad_rows, split=split, hub=hub)
     tokens, targets, offsets, meta = _tokenize_table(table, tokenizer, settings, source=str(path))
     if cache_dir is not None:
         save_entry(cache_dir, key, tokens, targets, offsets, meta)

@@ -293,3 +293,24 @@ def test_split_validation(char_tokenizer, tmp_path):
     for bad in (0, 1, 1.5, "0.1"):
         with pytest.raises(MytuneError, match="val_fraction"):
             split_validation(dataset, bad)
+
+
+def test_a_cached_hub_dataset_is_opened_but_no_row_is_read(monkeypatch, char_tokenizer, tmp_path):
+    """The cache key of a hub dataset comes from the opened dataset's fingerprint, so a cache hit (e.g. every
+    rank after rank 0 tokenized) never turns the rows into Python dicts."""
+    rows_read = []
+
+    class FakeHubDataset(list):
+        _fingerprint = "abc123"
+
+        def __iter__(self):
+            rows_read.append(len(self))
+            return super().__iter__()
+
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=lambda name, split: FakeHubDataset(ROWS[:3])))
+    first = build_sft_dataset("tatsu-lab/alpaca", char_tokenizer, max_seq_len=512, cache_dir=tmp_path)
+    assert first.stats["cache"] == "written" and rows_read == [3]
+    second = build_sft_dataset("tatsu-lab/alpaca", char_tokenizer, max_seq_len=512, cache_dir=tmp_path)
+    assert second.stats["cache"] == "hit" and rows_read == [3]  # not read again
+    assert [second[i] for i in range(3)] == [first[i] for i in range(3)]
