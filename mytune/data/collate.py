@@ -6,6 +6,7 @@ import torch
 
 from mytune.data.packing import document_attention_mask
 from mytune.data.sft import CROSS_ENTROPY_IGNORE_INDEX
+from mytune.training.loss import label_positions
 
 PAD_DOCUMENT_ID = -1
 
@@ -19,7 +20,9 @@ def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_
     "document_ids" (padded with -1, so padding is a document of its own); with `attn_mask=True` the batch also gets
     "attn_mask", the bool `[b, 1, s, s]` mask of `document_attention_mask` (large: prefer letting the model build it).
     "seq_lens" holds each row's real length: the tokens a step processed (pad_id often equals eos_id, so counting
-    `tokens != pad_id` would miss every sample's final eos).
+    `tokens != pad_id` would miss every sample's final eos). "label_positions" are the flat indices of the shifted
+    labels the loss counts (`training.loss.label_positions`), found here on the CPU so the loss on the GPU selects
+    them without waiting for the device.
     """
     max_len = max(len(item["tokens"]) for item in batch)
     if pad_to is not None:
@@ -42,7 +45,8 @@ def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_
             position_ids[row, :length] = torch.as_tensor(item["position_ids"], dtype=torch.long)
             document_ids[row, :length] = torch.as_tensor(item["document_ids"], dtype=torch.long)
     seq_lens = torch.tensor([len(item["tokens"]) for item in batch], dtype=torch.long)
-    out = {"tokens": tokens, "labels": labels, "seq_lens": seq_lens}
+    out = {"tokens": tokens, "labels": labels, "seq_lens": seq_lens,
+           "label_positions": label_positions(labels, ignore_index)}
     if packed:
         out["position_ids"] = position_ids
         out["document_ids"] = document_ids

@@ -36,6 +36,16 @@ def check_device_available(name: str, field: str = "device") -> None:
         raise ConfigError(f"{field}={name!r} but MPS is not available on this machine; use device=cpu")
 
 
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`, copied without making the host wait.
+
+    `non_blocking` copies from pinned memory (the recipes' loaders pin their batches on CUDA) are queued on the
+    stream and return at once, so the host goes on to queue the forward; from pageable memory they are ordinary
+    copies. A no-op on the CPU.
+    """
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def set_seed(seed: int) -> None:
     """Seed the python and torch (and CUDA) RNGs: model init, adapter init and dropout. (The data order has its own
     seeded generator in the sampler.)"""

@@ -17,6 +17,16 @@ def count_label_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -
     return int((labels[:, 1:] != ignore_index).sum())
 
 
+def label_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Flat indices (into the `[batch * (seq - 1)]` shifted positions) of the labels the loss counts.
+
+    Why: the collate builds them on the CPU, so the chunked loss selects the labelled hidden states with
+    `index_select` on the device; a boolean mask built there (`hidden[labels != ignore]`) makes the host wait for
+    the GPU once per micro-batch to learn how many rows come out.
+    """
+    return (labels[:, 1:].reshape(-1) != ignore_index).nonzero().squeeze(-1)
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum of next-token cross-entropy over non-ignored positions, computed in float32.
 
@@ -34,6 +44,8 @@ def chunked_cross_entropy_sum(
     labels: torch.Tensor,
     chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
+    positions: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """`cross_entropy_sum(hidden @ lm_head_weight.T, labels)` without ever holding the full logits.
 
@@ -47,21 +59,31 @@ def chunked_cross_entropy_sum(
     `hidden` is `[batch, seq, hidden]` from `TransformerDecoder(tokens, return_hidden=True)`; `lm_head_weight` is
     `model.lm_head.weight` (`[vocab, hidden]`); `labels` is aligned with the tokens as for `cross_entropy_sum` (the
     hidden state at position t predicts label t+1). Positions labelled `ignore_index` are dropped before the
-    projection, so prompt tokens masked out of the loss cost no `lm_head` compute. Each chunk's logits are cast to
-    float32 before the softmax, as in `cross_entropy_sum`; the returned sum is a float32 scalar.
+    projection, so prompt tokens masked out of the loss cost no `lm_head` compute: `positions` (from
+    `label_positions`, e.g. the collate's `label_positions`, on the same device) says which, without a host sync;
+    without it they are found here (one sync). Each chunk's logits are cast to float32 before the softmax, as in
+    `cross_entropy_sum`; the returned sum is a float32 scalar.
+
+    `compile=True` runs each chunk's projection + cross-entropy through `torch.compile` (one graph for all chunks;
+    the shorter last chunk compiles once more with dynamic shapes): the float32 cast, log-softmax and gather fuse
+    into the matmul's epilogue instead of materialising `chunk * vocab` float32 temporaries one op at a time.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
     targets = labels[:, 1:].reshape(-1)
-    keep = targets != ignore_index
-    if not bool(keep.all()):
-        hidden, targets = hidden[keep], targets[keep]
+    if positions is not None:
+        hidden, targets = hidden.index_select(0, positions), targets.index_select(0, positions)
+    else:
+        keep = targets != ignore_index
+        if not bool(keep.all()):
+            hidden, targets = hidden[keep], targets[keep]
+    chunk_loss = _compiled_chunk_cross_entropy_sum() if compile else _chunk_cross_entropy_sum
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # split (not a loop of slices): one backward node concatenates the chunks' input gradients once.
     for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size)):
         total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_cross_entropy_sum, hidden_chunk, lm_head_weight, target_chunk, ignore_index,
+            chunk_loss, hidden_chunk, lm_head_weight, target_chunk, ignore_index,
             use_reentrant=False, preserve_rng_state=False,
         )
     return total
@@ -71,3 +93,14 @@ def _chunk_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                              ignore_index: int) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+
+
+_COMPILED_CHUNK = None
+
+
+def _compiled_chunk_cross_entropy_sum():
+    """`_chunk_cross_entropy_sum` under `torch.compile`, made on first use (importing this module compiles nothing)."""
+    global _COMPILED_CHUNK
+    if _COMPILED_CHUNK is None:
+        _COMPILED_CHUNK = torch.compile(_chunk_cross_entropy_sum)
+    return _COMPILED_CHUNK

@@ -76,7 +76,8 @@ def test_collate_pads_packed_rows_as_their_own_document():
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert mask.diagonal(dim1=-2, dim2=-1).all(), "every position attends to itself: no empty softmax rows"
     unpacked = padded_collate([{"tokens": [1, 2], "labels": [1, 2]}], pad_id=0)
-    assert set(unpacked) == {"tokens", "labels", "seq_lens"} and unpacked["seq_lens"].tolist() == [2]
+    assert set(unpacked) == {"tokens", "labels", "seq_lens", "label_positions"} and unpacked["seq_lens"].tolist() == [2]
+    assert unpacked["label_positions"].tolist() == [0]
 
 
 class TinyAttentionLM(nn.Module):
