@@ -87,6 +87,12 @@ def check_single_device(p: Any) -> None:
         check_device_available(p.device)
 
 
+def check_float8(p: Any) -> None:
+    """float8 matmuls need an NVIDIA GPU (compute capability 8.9+, checked by the recipe on its device)."""
+    if p.float8 and p.device == "cpu":
+        raise ConfigError("float8=true needs an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper); device=cpu: set float8=false")
+
+
 def check_data_fields(p: Any) -> None:
     """The data pipeline's options: row format, column map, prompt template, truncation and validation split."""
     if p.dataset_format not in ("auto", "instruct", "chat", "text"):

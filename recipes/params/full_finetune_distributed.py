@@ -8,7 +8,7 @@ step is batch_size * gradient_accumulation_steps * world size.
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mytune.config.validation import check_data_fields, check_distributed_device, check_training_fields
+from mytune.config.validation import check_data_fields, check_distributed_device, check_float8, check_training_fields
 
 
 @dataclass
@@ -63,6 +63,7 @@ class FullFinetuneDistributedParams:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, ~+33% compute)
     activation_offloading: bool = False  # keep saved activations in CPU memory until the backward (GPU runs)
     compile: bool = False  # torch.compile each decoder layer (CPU needs a C++ compiler)
+    float8: bool = False  # float8 matmuls in the decoder blocks (torchao; NVIDIA GPUs of compute capability 8.9+; best with compile)
 
     # Checkpoints and resuming: output_dir/step_<N>/ holds the HF files plus recipe_state.pt
     save_every_n_steps: int = 0  # optimizer steps between checkpoints (0: only after the last step)
@@ -73,6 +74,7 @@ class FullFinetuneDistributedParams:
     dtype: Literal["bf16", "fp32"] = "bf16"  # compute dtype; parameters (saved as such), gradients and AdamW state stay fp32 (sharded)
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
+    fsdp_reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (less memory; false: no second all-gather in the backward)
     seed: int = 0  # seeds model init, data order and dropout
     log_every_n_steps: int = 1  # optimizer steps between metrics lines
     metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
@@ -83,3 +85,4 @@ class FullFinetuneDistributedParams:
         check_training_fields(self)
         check_distributed_device(self)
         check_data_fields(self)
+        check_float8(self)

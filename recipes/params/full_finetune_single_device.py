@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from mytune.config.validation import check_data_fields, check_single_device, check_training_fields
+from mytune.config.validation import check_data_fields, check_float8, check_single_device, check_training_fields
 
 
 @dataclass
@@ -58,6 +58,7 @@ class FullFinetuneParams:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, ~+33% compute)
     activation_offloading: bool = False  # keep saved activations in CPU memory until the backward (GPU runs)
     compile: bool = False  # torch.compile each decoder layer (CPU needs a C++ compiler)
+    float8: bool = False  # float8 matmuls in the decoder blocks (torchao; NVIDIA GPUs of compute capability 8.9+; best with compile)
 
     # Checkpoints and resuming: output_dir/step_<N>/ holds the HF files plus recipe_state.pt
     save_every_n_steps: int = 0  # optimizer steps between checkpoints (0: only after the last step)
@@ -77,3 +78,4 @@ class FullFinetuneParams:
         check_training_fields(self)
         check_single_device(self)
         check_data_fields(self)
+        check_float8(self)

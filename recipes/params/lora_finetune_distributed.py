@@ -84,6 +84,7 @@ class LoRAFinetuneDistributedParams:
     dtype: Literal["bf16", "fp32"] = "bf16"  # compute, save and frozen-base dtype; adapters, their grads and AdamW state stay fp32
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
+    fsdp_reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (less memory; false: no second all-gather in the backward)
     seed: int = 0  # seeds model init, adapter init, data order and dropout
     log_every_n_steps: int = 1  # optimizer steps between metrics lines
     metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
