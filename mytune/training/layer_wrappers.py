@@ -71,7 +71,11 @@ class ActivationOffloader:
     matmul saves for its backward, so each step would copy the whole model to the CPU and back. Here parameters (and
     views of them), tensors already on the CPU and tensors under `min_bytes` stay where they are; the others are
     copied to (pinned, on CUDA) CPU memory in the forward and back to their device when the backward needs them.
-    The copies run on the compute stream, so they are correct but not overlapped with compute.
+
+    On CUDA the copies run on a side stream of their own: the device-to-host copy waits only for the tensor to be
+    computed and then overlaps the rest of the forward; `record_stream` keeps the tensor's memory from being reused
+    before its copy is done. The copy back is queued on the same side stream (after the copy out, in stream order)
+    and the compute stream waits for it with an event.
 
     `offloaded_tensors` / `offloaded_bytes` count what was moved. `offload_cpu_tensors=True` copies CPU tensors too:
     useless for training, it only lets a CPU-only machine exercise the copy path.
@@ -95,7 +99,14 @@ class ActivationOffloader:
         if not self.should_offload(tensor):
             return tensor
         cpu_copy = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=self.pin_memory)
-        cpu_copy.copy_(tensor, non_blocking=self.pin_memory)
+        if tensor.device.type == "cuda":
+            stream = _copy_stream(tensor.device)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor has been computed
+            with torch.cuda.stream(stream):
+                cpu_copy.copy_(tensor, non_blocking=self.pin_memory)
+            tensor.record_stream(stream)  # its memory is not reused before the copy is done
+        else:
+            cpu_copy.copy_(tensor)
         self.offloaded_tensors += 1
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         return tensor.device, cpu_copy
@@ -104,7 +115,24 @@ class ActivationOffloader:
         if isinstance(packed, torch.Tensor):
             return packed
         device, cpu_copy = packed
-        return cpu_copy.to(device, non_blocking=self.pin_memory)
+        if device.type != "cuda":
+            return cpu_copy.to(device)
+        stream, compute = _copy_stream(device), torch.cuda.current_stream(device)
+        with torch.cuda.stream(stream):  # after this tensor's copy out, in stream order
+            tensor = cpu_copy.to(device, non_blocking=self.pin_memory)
+        compute.wait_stream(stream)
+        tensor.record_stream(compute)  # allocated on the side stream, used (and freed) on the compute stream
+        return tensor
+
+
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per CUDA device for the offloading copies, made on first use."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 @contextlib.contextmanager
