@@ -38,7 +38,8 @@ from mytune.data import (
 from mytune.errors import MytuneError, run_or_exit
 from mytune.models import TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer
-from mytune.training.device import DTYPES, resolve_device, set_seed
+from mytune.training.device import DTYPES, move_batch, resolve_device, set_seed
+from mytune.training.float8 import check_float8_supported, convert_to_float8
 from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
@@ -92,7 +93,10 @@ class FullFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
-        # Neither changes parameter names or state-dict keys: checkpoints are the same with or without them.
+        # None of these changes parameter names or state-dict keys: checkpoints are the same with or without them.
+        if p.float8:
+            check_float8_supported(self.device)
+            convert_to_float8(self.model)
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if p.compile:
@@ -166,11 +170,15 @@ class FullFinetuneRecipeSingleDevice:
 
         collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
         sampler = ResumableSampler(dataset, rank=0, world_size=1, shuffle=p.shuffle, seed=p.seed)
-        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate)
+        # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
+        pin = self.device.type == "cuda"
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate,
+                                              pin_memory=pin)
         self.val_dataloader = None
         if val_dataset is not None:
             # A plain DataLoader in a fixed order: every validation starts at the first batch; all of it is used.
-            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate)
+            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate,
+                                             pin_memory=pin)
 
     def train(self) -> None:
         """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
@@ -226,7 +234,7 @@ class FullFinetuneRecipeSingleDevice:
         num_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
-            batch = {key: value.to(self.device) for key, value in batch.items()}
+            batch = move_batch(batch, self.device)
             with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             loss.backward()
@@ -256,7 +264,8 @@ class FullFinetuneRecipeSingleDevice:
         if p.chunked_loss:
             hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
             return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
-                                             chunk_size=p.loss_chunk_size)
+                                             chunk_size=p.loss_chunk_size, positions=batch["label_positions"],
+                                             compile=p.compile)
         return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
@@ -268,7 +277,7 @@ class FullFinetuneRecipeSingleDevice:
             for index, batch in enumerate(self.val_dataloader):
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
-                batch = {key: value.to(self.device) for key, value in batch.items()}
+                batch = move_batch(batch, self.device)
                 loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()

@@ -50,9 +50,15 @@ from mytune.models import ModelArgs, TransformerDecoder, model_args
 from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
-from mytune.training.device import set_seed
+from mytune.training.device import move_batch, set_seed
 from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
-from mytune.training.loss import IGNORE_INDEX, chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
+from mytune.training.loss import (
+    IGNORE_INDEX,
+    chunked_cross_entropy_sum,
+    count_label_tokens,
+    cross_entropy_sum,
+    label_positions,
+)
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.metrics import build_metric_loggers
 from mytune.training.optim import build_optimizer
@@ -81,6 +87,8 @@ class LoRAFinetuneRecipeDistributed:
             lambda: resolve_resume_dir(params.resume_from_checkpoint, params.output_dir, needs=(ADAPTER_DIR_NAME,)))
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
+        self.preemption = PreemptionHandler()  # SIGTERM -> a flag; installed while `train` runs
+        self.stop_requested = False  # any rank signalled: set by train_step, the same on every rank
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and adapters, and the data order
 
     def load_checkpoint(self) -> None:
@@ -139,7 +147,8 @@ class LoRAFinetuneRecipeDistributed:
             compile_layers(self.model)
         # Each decoder layer is one FSDP unit holding its frozen weights and trainable adapters: FSDP2 reduces
         # gradients for the parameters that have them only.
-        distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload)
+        distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
+                               reshard_after_forward=p.fsdp_reshard_after_forward)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -257,7 +266,10 @@ class LoRAFinetuneRecipeDistributed:
         # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
         sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
                                    seed=p.seed)
-        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate)
+        # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
+        pin = self.device.type == "cuda"
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate,
+                                              pin_memory=pin)
         self.val_dataloader = None
         if val_dataset is not None:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
@@ -266,7 +278,7 @@ class LoRAFinetuneRecipeDistributed:
             val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
-                                             collate_fn=collate)
+                                             collate_fn=collate, pin_memory=pin)
 
     def train(self) -> None:
         """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
@@ -277,7 +289,7 @@ class LoRAFinetuneRecipeDistributed:
         first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
         with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
                    disable=not self.is_rank_zero) as progress,
-              PreemptionHandler() as preemption,
+              self.preemption,
               maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
             for epoch in range(first_epoch, p.epochs):
                 self.epoch = epoch
@@ -304,7 +316,7 @@ class LoRAFinetuneRecipeDistributed:
                                            f"val_perplexity {metrics['val_perplexity']:.2f}")
                     if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
                         self.metric_logger.log(metrics)
-                    if preemption.should_stop_on_any_rank(self.device):  # a collective: every rank, every step
+                    if self.stop_requested:  # the same on every rank: train_step's loss all-reduce carried the flag
                         if self.is_rank_zero:
                             progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
                                            f"stopping (resume with resume_from_checkpoint=latest)")
@@ -326,7 +338,7 @@ class LoRAFinetuneRecipeDistributed:
         )
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
-            batch = {key: value.to(self.device) for key, value in batch.items()}
+            batch = move_batch(batch, self.device)
             with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
@@ -334,7 +346,11 @@ class LoRAFinetuneRecipeDistributed:
             (loss * world_size).backward()
             micro_losses.append(loss.detach())
         local_loss = sum(loss.item() for loss in micro_losses)
-        (step_loss,) = distributed.all_reduce_sum([local_loss], self.device)
+        # The preemption flag rides on the loss all-reduce the step does anyway: every rank learns whether any rank
+        # was signalled (SIGTERM) without a collective of its own, so all stop after the same step.
+        step_loss, signalled = distributed.all_reduce_sum([local_loss, float(self.preemption.should_stop)],
+                                                          self.device)
+        self.stop_requested = signalled > 0
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
@@ -362,7 +378,8 @@ class LoRAFinetuneRecipeDistributed:
         if self.chunked_loss:
             hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
             return chunked_cross_entropy_sum(hidden, self.model.lm_head.weight, batch["labels"],
-                                             chunk_size=p.loss_chunk_size)
+                                             chunk_size=p.loss_chunk_size, positions=batch["label_positions"],
+                                             compile=p.compile)
         return cross_entropy_sum(self.model(batch["tokens"], **kwargs), batch["labels"])
 
     def evaluate(self) -> dict[str, float]:
@@ -383,7 +400,8 @@ class LoRAFinetuneRecipeDistributed:
                 first = index * p.batch_size
                 positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
-                batch = {key: value.to(self.device) for key, value in batch.items()}
+                batch["label_positions"] = label_positions(batch["labels"])
+                batch = move_batch(batch, self.device)
                 loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()

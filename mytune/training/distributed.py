@@ -88,21 +88,35 @@ def init_distributed(device_name: str) -> DistributedEnv:
     return DistributedEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def shard_model(model: TransformerDecoder, *, bf16: bool, cpu_offload: bool) -> TransformerDecoder:
+def shard_model(model: TransformerDecoder, *, bf16: bool, cpu_offload: bool,
+                reshard_after_forward: bool = True, prefetch: bool = True) -> TransformerDecoder:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm and head form the root's group).
 
     With `bf16`, parameters stay float32 (the sharded master copy the optimizer updates) and are cast to bf16 for
     the forward/backward; gradients are reduced in float32. With `cpu_offload`, sharded parameters, gradients and
     optimizer state live on the CPU and are copied to the GPU one layer at a time.
+
+    `reshard_after_forward` frees each layer's gathered weights after its forward and gathers them again in the
+    backward (ZeRO-3: the least memory); False keeps them from the forward to the backward (one all-gather per
+    layer and step instead of two, for a whole unsharded model per rank). Either way the last layer keeps its
+    weights (the backward starts with it) and the root's are kept by FSDP itself. `prefetch` issues layer i+1's
+    all-gather before layer i computes (forward) and layer i-1's before layer i's backward, so communication
+    overlaps compute even when the host does not run ahead of the GPU (e.g. right after a host sync).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     _prepare_nf4_for_sharding(model, dist.get_world_size())
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp_policy, offload_policy=offload_policy)
+    layers = list(model.model.layers)
+    for index, layer in enumerate(layers):
+        fully_shard(layer, mp_policy=mp_policy, offload_policy=offload_policy,
+                    reshard_after_forward=reshard_after_forward and index < len(layers) - 1)
     fully_shard(model, mp_policy=mp_policy, offload_policy=offload_policy)
+    if prefetch:
+        for previous, layer in zip(layers, layers[1:]):
+            previous.set_modules_to_forward_prefetch([layer])
+            layer.set_modules_to_backward_prefetch([previous])
     return model
 
 

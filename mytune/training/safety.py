@@ -21,7 +21,7 @@ class PreemptionHandler:
 
         handler = PreemptionHandler().install()        # in the main thread, once, before training
         ...after each optimizer step:
-        if handler.should_stop:                        # (distributed: handler.should_stop_on_any_rank(device))
+        if handler.should_stop:                        # distributed: all-reduce the flag with the step's loss
             save checkpoint + recipe state; return      # the process exits 0
         ...finally: handler.uninstall()
 
@@ -56,18 +56,6 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum)
-
-    def should_stop_on_any_rank(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (a MAX all-reduce), so all ranks stop at the same step.
-
-        A collective: call it on every rank at the same point of every step. Without a process group it is
-        `should_stop`.
-        """
-        if not torch.distributed.is_initialized():
-            return self.should_stop
-        flag = torch.tensor([1.0 if self.should_stop else 0.0], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def check_finite(loss: float | torch.Tensor, step: int, *, last_checkpoint: str | Path | None = None,

@@ -288,3 +288,14 @@ def test_chunked_loss_and_activation_checkpointing_under_fsdp_give_the_same_loss
     assert len(plain) == 3 and max(abs(a - b) for a, b in zip(plain, chunked_ac)) < 1e-5, (plain, chunked_ac)
     assert list((tmp_path / "ac" / "tensorboard").glob("events.out.tfevents.*"))
     assert world_of_one_losses(tmp_path / "sgd", "optimizer=sgd", "lr=0.05")[0] == pytest.approx(plain[0])
+
+
+@pytest.mark.slow
+def test_keeping_gathered_weights_from_forward_to_backward_changes_no_number(two_rank_run, tmp_path):
+    """fsdp_reshard_after_forward=false (one all-gather per layer and step instead of two) trains the same run."""
+    out, _ = two_rank_run
+    result = two_ranks(tmp_path / "kept", "batch_size=2", *COMMON, "fsdp_reshard_after_forward=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    default, kept = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "kept" / "metrics.jsonl")
+    assert [r["loss"] for r in kept] == [r["loss"] for r in default]
+    assert [r["grad_norm"] for r in kept] == [r["grad_norm"] for r in default]
