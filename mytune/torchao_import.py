@@ -1,4 +1,4 @@
-"""Import torchao without its import-time noise, for the two places that use it (NF4 for QLoRA, low-bit AdamW)."""
+"""Import torchao without its import-time noise, for the places that use it (NF4 for QLoRA, low-bit AdamW, float8)."""
 
 import contextlib
 import logging
