@@ -26,15 +26,17 @@ def _llama3(**kw) -> ModelArgs:
                      max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
 
 
+# Qwen2.5 / Qwen3 ship with use_sliding_window=false (sliding_window None here); max_window_layers is then
+# irrelevant and set to the layer count, so no layer would slide if a window were switched on.
 def _qwen2_5(**kw) -> ModelArgs:
     return ModelArgs(model_type="qwen2", attention_bias=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                     bos_token_id=151643, eos_token_id=151643, **kw)
+                     bos_token_id=151643, eos_token_id=151643, max_window_layers=kw["num_hidden_layers"], **kw)
 
 
 def _qwen3(**kw) -> ModelArgs:
     return ModelArgs(model_type="qwen3", qk_norm=True, vocab_size=151936, head_dim=128, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
-                     **kw)
+                     max_window_layers=kw["num_hidden_layers"], **kw)
 
 
 MODEL_ARGS: dict[str, Callable[[], ModelArgs]] = {
@@ -54,11 +56,12 @@ MODEL_ARGS: dict[str, Callable[[], ModelArgs]] = {
     "llama3_2_3b": lambda: _llama3(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                                    num_attention_heads=24, num_key_value_heads=8, head_dim=128,
                                    tie_word_embeddings=True, rope_scaling=dict(_LLAMA3_2_ROPE)),
-    # Mistral-7B-v0.1 (its 4096-token sliding window is not modelled: identical for sequences up to 4096 tokens).
+    # Mistral-7B-v0.1, with its 4096-token sliding window on every layer.
     "mistral_7b": lambda: ModelArgs(model_type="mistral", vocab_size=32000, hidden_size=4096,
                                     intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                     num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
-                                    max_position_embeddings=32768, bos_token_id=1, eos_token_id=2),
+                                    max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+                                    sliding_window=4096),
     "qwen2_5_0_5b": lambda: _qwen2_5(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                      max_position_embeddings=32768, tie_word_embeddings=True),
@@ -95,7 +98,8 @@ def tiny_variant(args: ModelArgs, vocab_size: int = 512) -> ModelArgs:
     """A few-hundred-thousand-parameter model of the same family as `args`, for smoke tests of real configs.
 
     Keeps what distinguishes the family (model type, rope scaling and theta, qkv bias, q/k norm, tied embeddings,
-    grouped-query ratio) and shrinks every size.
+    grouped-query ratio, sliding window) and shrinks every size (the window too, to at most 64 tokens, so that short
+    test sequences exercise it; the first `max_window_layers` layers, at most one of the two, still attend fully).
     """
     group = max(1, args.num_attention_heads // args.kv_heads)
     heads = 4 if group <= 4 else group
@@ -103,6 +107,8 @@ def tiny_variant(args: ModelArgs, vocab_size: int = 512) -> ModelArgs:
         args, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // group), head_dim=16,
         max_position_embeddings=min(args.max_position_embeddings, 2048), bos_token_id=1, eos_token_id=2,
+        sliding_window=None if args.sliding_window is None else min(args.sliding_window, 64),
+        max_window_layers=min(args.max_window_layers, 1),
     )
 
 

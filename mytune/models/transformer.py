@@ -1,23 +1,28 @@
 """One decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) whose state dict matches Hugging Face's.
 
 Per-family differences are data (`FAMILIES`), not subclasses: which biases exist, whether q/k are normalised,
-what the HF config class defaults are and which extra keys its config.json carries.
+how config.json states a sliding window, what the HF config class defaults are and which extra keys it carries.
 """
 
-import logging
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from mytune.errors import MytuneError
-from mytune.modules.attention import Attention, document_causal_mask
+from mytune.modules.attention import (
+    Attention,
+    AttentionMask,
+    causal_block_mask,
+    check_backend,
+    choose_backend,
+    document_block_mask,
+    document_causal_mask,
+)
 from mytune.modules.kv_cache import KVCache
 from mytune.modules.mlp import SwiGLUMLP
 from mytune.modules.rms_norm import RMSNorm
 from mytune.modules.rope import RotaryEmbedding, check_rope_scaling, rope_type
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,15 @@ class Family:
     attention_bias: bool | None = None   # forced qkv-bias value (qwen2 always, mistral never); None: from config
     o_proj_bias_follows_qkv: bool = True  # llama/qwen3: `attention_bias` also biases o_proj; qwen2: it does not
     qk_norm: bool = False                # qwen3: per-head RMSNorm on q and k
+    # How config.json states a sliding window: None (the family has none), "mistral" (`sliding_window` on every
+    # layer), "qwen" (`use_sliding_window` + `sliding_window`, on the layers from `max_window_layers` on).
+    sliding_window_style: str | None = None
     hf_defaults: dict = field(default_factory=dict)      # HF config-class defaults for keys a config.json may omit
     hf_extra_config: dict = field(default_factory=dict)  # fixed keys written to config.json for this family
 
 
 _COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False}
-_NO_SLIDING_WINDOW = {"use_sliding_window": False, "sliding_window": None}
+_QWEN_WINDOW_DEFAULTS = {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
@@ -44,22 +52,24 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(
         "MistralForCausalLM",
         attention_bias=False,
-        hf_defaults={**_COMMON_DEFAULTS, "max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2},
-        hf_extra_config={"sliding_window": None},
+        sliding_window_style="mistral",
+        hf_defaults={**_COMMON_DEFAULTS, "max_position_embeddings": 131072, "bos_token_id": 1, "eos_token_id": 2,
+                     "sliding_window": 4096},
     ),
     "qwen2": Family(
         "Qwen2ForCausalLM",
         attention_bias=True,
         o_proj_bias_follows_qkv=False,
-        hf_defaults={**_COMMON_DEFAULTS, "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None},
-        hf_extra_config=_NO_SLIDING_WINDOW,
+        sliding_window_style="qwen",
+        hf_defaults={**_COMMON_DEFAULTS, **_QWEN_WINDOW_DEFAULTS, "max_position_embeddings": 32768,
+                     "bos_token_id": None, "eos_token_id": None},
     ),
     "qwen3": Family(
         "Qwen3ForCausalLM",
         qk_norm=True,
-        hf_defaults={**_COMMON_DEFAULTS, "max_position_embeddings": 32768, "bos_token_id": None, "eos_token_id": None,
-                     "head_dim": 128},
-        hf_extra_config=_NO_SLIDING_WINDOW,
+        sliding_window_style="qwen",
+        hf_defaults={**_COMMON_DEFAULTS, **_QWEN_WINDOW_DEFAULTS, "max_position_embeddings": 32768,
+                     "bos_token_id": None, "eos_token_id": None, "head_dim": 128},
     ),
 }
 
@@ -91,6 +101,12 @@ class ModelArgs:
     qk_norm: bool = False                       # per-head RMSNorm on q and k (qwen3)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    # Sliding-window attention (mistral, qwen2, qwen3): a query sees the last `sliding_window` positions, itself
+    # included; None = full causal attention. Layers below `max_window_layers` attend fully anyway (qwen's rule;
+    # 0 = every layer slides, mistral's). As transformers reads config.json: a qwen `use_sliding_window=false`
+    # means sliding_window None here.
+    sliding_window: int | None = None
+    max_window_layers: int = 0
 
     def __post_init__(self) -> None:
         family = _family(self.model_type)
@@ -102,6 +118,15 @@ class ModelArgs:
         if self.num_attention_heads % self.kv_heads:
             raise MytuneError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.kv_heads})")
+        if self.sliding_window is not None and (family.sliding_window_style is None or self.sliding_window < 1):
+            raise MytuneError(f"sliding_window={self.sliding_window} is not possible for model_type "
+                              f"{self.model_type!r}" + ("" if family.sliding_window_style else " (it has none)"))
+        if self.max_window_layers and family.sliding_window_style != "qwen":
+            raise MytuneError(f"max_window_layers is a qwen2/qwen3 option, not one of model_type {self.model_type!r}")
+
+    def layer_sliding_window(self, layer_idx: int) -> int | None:
+        """The attention window of layer `layer_idx` (None: full causal attention)."""
+        return self.sliding_window if layer_idx >= self.max_window_layers else None
 
     @property
     def kv_heads(self) -> int:
@@ -127,8 +152,11 @@ class ModelArgs:
         rope_theta, rope_scaling = _hf_rope(cfg)
         if family.attention_bias is not None:
             cfg["attention_bias"] = family.attention_bias
-        names = {f.name for f in fields(cls)} - {"model_type", "rope_theta", "rope_scaling", "qk_norm"}
+        sliding_window, max_window_layers = _hf_sliding_window(cfg, family)
+        names = {f.name for f in fields(cls)} - {"model_type", "rope_theta", "rope_scaling", "qk_norm",
+                                                 "sliding_window", "max_window_layers"}
         return cls(model_type=model_type, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=family.qk_norm,
+                   sliding_window=sliding_window, max_window_layers=max_window_layers,
                    **{name: cfg[name] for name in names if name in cfg})
 
     def to_hf_config(self, torch_dtype: str = "float32") -> dict:
@@ -163,8 +191,11 @@ class ModelArgs:
         }
         if family.attention_bias is None:
             config["attention_bias"] = self.attention_bias
-        if self.model_type in ("qwen2", "qwen3"):
-            config["max_window_layers"] = self.num_hidden_layers
+        if family.sliding_window_style == "mistral":
+            config["sliding_window"] = self.sliding_window
+        elif family.sliding_window_style == "qwen":
+            config.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                          max_window_layers=self.max_window_layers)
         return config
 
 
@@ -182,6 +213,29 @@ def _hf_rope(cfg: dict) -> tuple[float, dict | None]:
     return theta, params
 
 
+def _hf_sliding_window(cfg: dict, family: Family) -> tuple[int | None, int]:
+    """(sliding_window, max_window_layers) with transformers' semantics: mistral slides on every layer when
+    `sliding_window` is set; qwen2/qwen3 only with `use_sliding_window`, on the layers named "sliding_attention" by
+    `layer_types`, which defaults to the layers from `max_window_layers` on."""
+    if family.sliding_window_style is None:
+        return None, 0
+    window = cfg.get("sliding_window")
+    if family.sliding_window_style == "mistral":
+        return window, 0
+    if window is None or not cfg.get("use_sliding_window"):
+        return None, cfg["max_window_layers"]
+    num_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        return window, cfg["max_window_layers"]
+    num_full = layer_types.count("full_attention")
+    expected = ["full_attention"] * num_full + ["sliding_attention"] * (num_layers - num_full)
+    if list(layer_types) != expected:
+        raise MytuneError(f"config.json layer_types {layer_types} is not supported; only full-attention layers "
+                          f"followed by sliding-attention layers")
+    return window, num_full
+
+
 def _check_supported_hf_options(config: dict) -> None:
     """Refuse HF options this architecture does not implement, rather than load a silently different model."""
     if config.get("hidden_act", "silu") != "silu":
@@ -191,21 +245,17 @@ def _check_supported_hf_options(config: dict) -> None:
     rope_params = config.get("rope_parameters") or {}
     if config.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise MytuneError("config.json partial_rotary_factor != 1 is not supported")
-    window = config.get("sliding_window")
-    if window and (config.get("use_sliding_window") or config.get("model_type") == "mistral"):
-        logger.warning("config.json sets sliding_window=%s; mytune attends over the full causal context, "
-                       "which is identical for sequences up to %s tokens", window, window)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(
             hidden_size=args.hidden_size, num_heads=args.num_attention_heads, num_kv_heads=args.kv_heads,
             head_dim=args.attn_head_dim, qkv_bias=args.attention_bias, o_bias=args.o_proj_bias,
-            qk_norm=args.qk_norm, norm_eps=args.rms_norm_eps,
+            qk_norm=args.qk_norm, norm_eps=args.rms_norm_eps, sliding_window=args.layer_sliding_window(layer_idx),
         )
         self.mlp = SwiGLUMLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -213,7 +263,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: AttentionMask | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer_idx, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -224,7 +274,7 @@ class DecoderBody(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, idx) for idx in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args.attn_head_dim, args.rope_theta, args.rope_scaling)
 
@@ -233,11 +283,20 @@ class TransformerDecoder(nn.Module):
     """Decoder-only language model; `state_dict()` keys equal HF `LlamaForCausalLM`'s (`model.layers.0...`).
 
     With `tie_word_embeddings`, `lm_head.weight` is the very same Parameter as `model.embed_tokens.weight`.
+
+    `attention_backend` ("auto" | "sdpa" | "flex"; an attribute, so a recipe or benchmark may set it after building)
+    picks how masked attention runs (`modules.attention.choose_backend`): "auto" uses compiled flex attention with a
+    block mask for packed rows or a sliding window on CUDA and SDPA otherwise; "sdpa" forces the dense-mask SDPA
+    path (the reference; the fast path off); "flex" forces flex wherever no KV cache is used (on the CPU: forward
+    only, flex has no CPU backward in torch 2.13). Unpacked rows without a window always take SDPA `is_causal`
+    under "auto"; KV-cache decoding always takes SDPA.
     """
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, attention_backend: str = "auto") -> None:
         super().__init__()
+        check_backend(attention_backend)
         self.args = args
+        self.attention_backend = attention_backend
         self.model = DecoderBody(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -275,16 +334,39 @@ class TransformerDecoder(nn.Module):
         `lm_head` is not applied), for `training.loss.chunked_cross_entropy_sum`, which applies `lm_head.weight` a
         chunk of tokens at a time so the full `[batch, seq, vocab]` logits never exist.
         """
-        attn_mask = document_causal_mask(document_ids) if document_ids is not None else None
         batch, seq = tokens.shape
         num_past = kv_cache.seq_len if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(num_past, num_past + seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
+        masks = self.attention_masks(seq, tokens.device, document_ids, kv_cache is not None)
         h = self.model.embed_tokens(tokens)
         cos, sin = self.model.rotary_emb(position_ids, h.dtype)
         for layer_idx, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, kv_cache, layer_idx, attn_mask)
+            h = layer(h, cos, sin, kv_cache, layer_idx, masks[layer.self_attn.sliding_window])
         if kv_cache is not None:
             kv_cache.advance(seq)
         h = self.model.norm(h)
         return h if return_hidden else self.lm_head(h)
+
+    def attention_masks(self, seq: int, device: torch.device, document_ids: torch.Tensor | None = None,
+                        with_cache: bool = False) -> dict[int | None, AttentionMask | None]:
+        """One mask per distinct layer window (None: full attention), built once per forward and shared by the
+        layers of that window: a `BlockMask` (flex), a dense bool mask (packed rows on SDPA) or None (SDPA
+        `is_causal`, or the window / KV-cache masking the attention layer does itself)."""
+        windows = {layer.self_attn.sliding_window for layer in self.model.layers}
+        if with_cache:
+            if document_ids is not None:
+                raise ValueError("document_ids (packed sequences) cannot be combined with a kv_cache")
+            return dict.fromkeys(windows)
+        cuts = {window: window if window is not None and window < seq else None for window in windows}  # >= seq: no cut
+        built = {cut: self._attention_mask(seq, device, document_ids, cut) for cut in set(cuts.values())}
+        return {window: built[cut] for window, cut in cuts.items()}
+
+    def _attention_mask(self, seq: int, device: torch.device, document_ids: torch.Tensor | None,
+                        window: int | None) -> AttentionMask | None:
+        backend = choose_backend(self.attention_backend, device, packed=document_ids is not None,
+                                 sliding_window=window)
+        if backend == "flex":
+            return document_block_mask(document_ids, window) if document_ids is not None else \
+                causal_block_mask(seq, window, device)
+        return document_causal_mask(document_ids, window) if document_ids is not None else None

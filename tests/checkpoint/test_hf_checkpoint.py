@@ -12,7 +12,7 @@ import mytune.checkpoint.hf as hf_module
 from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint
 from mytune.errors import MytuneError
 from mytune.models import ModelArgs, TransformerDecoder, llama_tiny
-from tests.models.hf_reference import FAMILY_CONFIGS, make_hf_model, random_tokens
+from tests.models.hf_reference import FAMILY_CONFIGS, SLIDING_CONFIGS, WINDOW, make_hf_model, random_tokens
 
 TOLERANCE = 1e-5
 
@@ -94,6 +94,26 @@ def test_saved_checkpoint_loads_in_transformers_identically(family, hf_checkpoin
     assert config["torch_dtype"] == "float32" and config["model_type"] == ours.args.model_type
     saved_keys = set(load_file(out / "model.safetensors"))
     assert ("lm_head.weight" in saved_keys) == (not ours.args.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("family", SLIDING_CONFIGS)
+def test_sliding_window_survives_load_and_save(family, tmp_path):
+    """transformers checkpoint -> ours -> saved -> transformers: the window (shorter than the tokens) is kept."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_hf_model(family)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf").eval()
+    tokens = random_tokens()
+    assert (logits(ours, tokens) - logits(hf, tokens)).abs().max() < TOLERANCE
+    out = save_hf_checkpoint(ours, tmp_path / "out", dtype=torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sliding_window"] == WINDOW
+    if ours.args.model_type != "mistral":
+        assert config["use_sliding_window"] is True and config["max_window_layers"] == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    assert reloaded.config.sliding_window == WINDOW
+    assert torch.equal(logits(reloaded, tokens), logits(hf, tokens))
 
 
 def test_bf16_save_writes_bf16_and_generation_config(tmp_path):

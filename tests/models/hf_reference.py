@@ -21,13 +21,23 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "qwen2_bias_tied": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen3_qk_norm_head_dim": ("Qwen3Config", dict(COMMON, head_dim=40, rope_theta=1e6)),
 }
+# Sliding-window attention with a window (16) shorter than the test sequences: mistral slides on every layer; qwen2
+# and qwen3 from layer `max_window_layers` on (layer 0 full, layer 1 sliding, as transformers' config derives).
+WINDOW = 16
+SLIDING_CONFIGS: dict[str, tuple[str, dict]] = {
+    "mistral_sliding": ("MistralConfig", dict(COMMON, rope_theta=1e6, sliding_window=WINDOW)),
+    "qwen2_sliding": ("Qwen2Config", dict(COMMON, rope_theta=1e6, use_sliding_window=True, sliding_window=WINDOW,
+                                          max_window_layers=1)),
+    "qwen3_sliding": ("Qwen3Config", dict(COMMON, head_dim=40, rope_theta=1e6, use_sliding_window=True,
+                                          sliding_window=WINDOW, max_window_layers=1)),
+}
 
 
 def make_hf_model(family: str, attn_implementation: str = "eager", seed: int = 0):
     """A transformers causal LM for `family`, float32, eval mode, every parameter random."""
     import transformers
 
-    config_class, kwargs = FAMILY_CONFIGS[family]
+    config_class, kwargs = {**FAMILY_CONFIGS, **SLIDING_CONFIGS}[family]
     config = getattr(transformers, config_class)(**kwargs, attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()

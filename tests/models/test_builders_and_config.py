@@ -117,3 +117,35 @@ def test_unsupported_configs_are_one_line_user_errors():
         ModelArgs.from_hf_config({**base, "model_type": "llama", "mlp_bias": True})
     with pytest.raises(MytuneError, match="rope_scaling type 'yarn'"):
         ModelArgs.from_hf_config({**base, "model_type": "qwen2", "rope_scaling": {"type": "yarn", "factor": 4.0}})
+
+
+def test_sliding_window_config_as_transformers_reads_it():
+    base = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96, "num_hidden_layers": 4,
+            "vocab_size": 100}
+    mistral = ModelArgs.from_hf_config({**base, "model_type": "mistral"})
+    assert mistral.sliding_window == 4096  # MistralConfig's default
+    assert ModelArgs.from_hf_config({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+    off = ModelArgs.from_hf_config({**base, "model_type": "qwen2", "sliding_window": 32, "max_window_layers": 2})
+    assert off.sliding_window is None and off.max_window_layers == 2  # use_sliding_window defaults to false
+    on = {**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 32, "max_window_layers": 2}
+    args = ModelArgs.from_hf_config(on)
+    assert [args.layer_sliding_window(i) for i in range(4)] == [None, None, 32, 32]
+    # transformers 5.x writes layer_types; read back, the model is the same
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.for_model(**args.to_hf_config())
+    assert hf_config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert hf_config.sliding_window == 32
+    back = ModelArgs.from_hf_config(hf_config.to_dict())
+    assert (back.sliding_window, back.max_window_layers) == (args.sliding_window, args.max_window_layers)
+
+
+def test_unsupported_sliding_window_configs_are_user_errors():
+    base = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 96, "num_hidden_layers": 2,
+            "vocab_size": 100, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8}
+    with pytest.raises(MytuneError, match="layer_types"):
+        ModelArgs.from_hf_config({**base, "layer_types": ["sliding_attention", "full_attention"]})
+    with pytest.raises(MytuneError, match="sliding_window=8 is not possible for model_type 'llama'"):
+        ModelArgs(model_type="llama", sliding_window=8)
+    with pytest.raises(MytuneError, match="max_window_layers"):
+        ModelArgs(model_type="mistral", sliding_window=8, max_window_layers=1)

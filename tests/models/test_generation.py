@@ -1,5 +1,6 @@
 """KV-cached decoding against transformers' generate and against cache-free recomputation."""
 
+import pytest
 import torch
 
 from mytune.generation import generate, sample_next
@@ -14,6 +15,19 @@ def test_greedy_matches_transformers_generate():
                            eos_token_id=None, pad_token_id=0)
     actual = generate(ours, prompt, max_new_tokens=32)
     assert actual.shape == (2, 44)
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("family", ["mistral_sliding", "qwen2_sliding"])
+def test_greedy_past_the_sliding_window_matches_transformers_generate(family):
+    """Prompt 20 + 30 new tokens with a 16-token window: both the prefill and the decoding steps cut the window."""
+    hf = make_hf_model(family)
+    ours = ours_from_hf(hf)
+    prompt = random_tokens(batch=2, seq=20)
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    actual = generate(ours, prompt, max_new_tokens=30)
+    assert actual.shape == (2, 50)
     assert torch.equal(actual, expected)
 
 

@@ -11,12 +11,19 @@ from mytune.models import ModelArgs, TransformerDecoder, llama_tiny
 from mytune.modules import KVCache, RMSNorm, rope_inv_freq
 from mytune.modules.attention import Attention
 from mytune.modules.rope import apply_rotary
-from tests.models.hf_reference import FAMILY_CONFIGS, make_hf_model, ours_from_hf, random_tokens
+from tests.models.hf_reference import (
+    FAMILY_CONFIGS,
+    SLIDING_CONFIGS,
+    WINDOW,
+    make_hf_model,
+    ours_from_hf,
+    random_tokens,
+)
 
 TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+@pytest.mark.parametrize("family", [*FAMILY_CONFIGS, *SLIDING_CONFIGS])
 def test_logits_match_transformers(family):
     hf = make_hf_model(family, attn_implementation="eager")  # eager: an independent attention implementation
     ours = ours_from_hf(hf)
@@ -126,6 +133,36 @@ def test_kv_cache_decoding_matches_full_forward():
         pieces += [model(tokens[:, i:i + 1], kv_cache=cache) for i in range(8, 12)]  # one token at a time
         pieces.append(model(tokens[:, 12:20], kv_cache=cache))     # a chunk after a cached prefix
     assert cache.seq_len == 20
+    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral_sliding", "qwen2_sliding"])
+def test_sliding_window_is_modelled_on_the_right_layers(family):
+    """The window cuts (48 tokens > 16): without it the logits differ; qwen2 slides only from max_window_layers on."""
+    import dataclasses
+
+    hf = make_hf_model(family)
+    ours = ours_from_hf(hf)
+    expected_windows = [None, WINDOW] if family.startswith("qwen") else [WINDOW, WINDOW]
+    assert [layer.self_attn.sliding_window for layer in ours.model.layers] == expected_windows
+    full = TransformerDecoder(dataclasses.replace(ours.args, sliding_window=None, max_window_layers=0)).eval()
+    full.load_state_dict(ours.state_dict())
+    tokens = random_tokens()
+    with torch.no_grad():
+        assert (ours(tokens)[:, WINDOW:] - full(tokens)[:, WINDOW:]).abs().max() > 1e-2
+        torch.testing.assert_close(ours(tokens)[:, :WINDOW], full(tokens)[:, :WINDOW])  # inside the window: equal
+
+
+def test_kv_cache_decoding_with_a_sliding_window_matches_full_forward():
+    ours = ours_from_hf(make_hf_model("qwen2_sliding"))
+    tokens = random_tokens(seq=40)
+    with torch.no_grad():
+        full = ours(tokens)
+        cache = KVCache(batch_size=2, max_seq_len=48, num_layers=2, num_kv_heads=2, head_dim=16,
+                        dtype=torch.float32, device="cpu")
+        pieces = [ours(tokens[:, :20], kv_cache=cache)]            # a prefill longer than the window
+        pieces += [ours(tokens[:, i:i + 1], kv_cache=cache) for i in range(20, 30)]  # decoding past the window
+        pieces.append(ours(tokens[:, 30:40], kv_cache=cache))     # a chunk after a cached prefix
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-5
 
 
