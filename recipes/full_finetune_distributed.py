@@ -130,6 +130,7 @@ class FullFinetuneRecipeDistributed:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
 
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:

@@ -93,6 +93,7 @@ class FullFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
         # None of these changes parameter names or state-dict keys: checkpoints are the same with or without them.
         if p.float8:
             check_float8_supported(self.device)

@@ -164,6 +164,7 @@ class LoRAFinetuneRecipeDistributed:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
         # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
         self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
 

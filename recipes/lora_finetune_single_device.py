@@ -119,6 +119,7 @@ class LoRAFinetuneRecipeSingleDevice:
         self.setup_data()
         self.load_checkpoint()
         self.model.train()
+        self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
         # Neither changes parameter names or state-dict keys: checkpoints are the same with or without them.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)

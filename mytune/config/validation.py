@@ -44,6 +44,9 @@ def check_training_fields(p: Any) -> None:
         raise ConfigError(f"save_every_n_steps must be >= 0 (0: only after the last step), got {p.save_every_n_steps}")
     if p.keep_last_n_checkpoints is not None and p.keep_last_n_checkpoints < 1:
         raise ConfigError(f"keep_last_n_checkpoints must be >= 1 or null (keep all), got {p.keep_last_n_checkpoints}")
+    if p.attention_backend == "flex" and p.device == "cpu":
+        raise ConfigError("attention_backend=flex needs a CUDA GPU (flex_attention has no CPU backward in torch 2.13); "
+                          "use attention_backend=auto or sdpa on the CPU")
     from mytune.training.metrics import check_metric_loggers  # torch-free modules' checks, imported when used
     from mytune.training.optim import check_optimizer
 

@@ -63,6 +63,7 @@ class FullFinetuneDistributedParams:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, ~+33% compute)
     activation_offloading: bool = False  # keep saved activations in CPU memory until the backward (GPU runs)
     compile: bool = False  # torch.compile each decoder layer (CPU needs a C++ compiler)
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"  # packed rows / sliding windows: auto = compiled flex_attention on CUDA, dense-mask SDPA elsewhere
     float8: bool = False  # float8 matmuls in the decoder blocks (torchao; NVIDIA GPUs of compute capability 8.9+; best with compile)
 
     # Checkpoints and resuming: output_dir/step_<N>/ holds the HF files plus recipe_state.pt

@@ -70,6 +70,7 @@ class LoRAFinetuneParams:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory, ~+33% compute)
     activation_offloading: bool = False  # keep saved activations in CPU memory until the backward (GPU runs)
     compile: bool = False  # torch.compile each decoder layer (CPU needs a C++ compiler)
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"  # packed rows / sliding windows: auto = compiled flex_attention on CUDA, dense-mask SDPA elsewhere
 
     # Checkpoints and resuming: output_dir/step_<N>/ holds the merged HF files, adapter/ and recipe_state.pt
     save_every_n_steps: int = 0  # optimizer steps between checkpoints (0: only after the last step)

@@ -304,3 +304,16 @@ def test_hub_dataset_names_are_not_missing_paths(tmp_path):
     missing = find_missing_paths(HubParams(dataset_path=str(tmp_path / "data.jsonl"), checkpoint_dir="org/model"))
     assert [m.split(":")[0] for m in missing] == ["dataset_path", "checkpoint_dir"]
     assert find_missing_paths(HubParams(dataset_path="./local/data.jsonl")) != []
+
+
+@pytest.mark.parametrize("recipe_name", ["full_finetune_single_device", "full_finetune_distributed",
+                                         "lora_finetune_single_device", "lora_finetune_distributed"])
+def test_flex_attention_on_the_cpu_is_one_line_naming_the_field(recipe_name):
+    import importlib
+
+    params_class = importlib.import_module(f"recipes.{recipe_name}").recipe_main.__annotations__["params"]
+    with pytest.raises(ConfigError, match="attention_backend=flex needs a CUDA GPU"):
+        params_class(model="llama_tiny", tokenizer_path="t", dataset_path="d", device="cpu",
+                     attention_backend="flex")
+    assert params_class(model="llama_tiny", tokenizer_path="t", dataset_path="d", device="cpu",
+                        attention_backend="sdpa").attention_backend == "sdpa"

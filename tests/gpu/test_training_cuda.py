@@ -174,3 +174,12 @@ def test_distributed_recipe_on_one_gpu_equals_its_single_device_twin(recipe_name
     single = run_single_device(recipe_name.replace("distributed", "single_device"), tmp_path / "single", "dtype=fp32")
     print(recipe_name, "fsdp", sharded, "single", single)
     assert max(abs(a - b) for a, b in zip(sharded, single)) < 1e-4
+
+
+@pytest.mark.parametrize("recipe_name", ["full_finetune_single_device", "lora_finetune_single_device"])
+def test_single_device_recipe_losses_with_flex_attention_equal_the_dense_mask_path(recipe_name, tmp_path):
+    """Packed rows: attention_backend=auto (compiled flex with a BlockMask on CUDA) against sdpa (dense mask), fp32."""
+    dense = run_single_device(recipe_name, tmp_path / "sdpa", "dtype=fp32", "attention_backend=sdpa")
+    flex = run_single_device(recipe_name, tmp_path / "flex", "dtype=fp32", "attention_backend=auto")
+    print(recipe_name, "sdpa", dense, "flex", flex)
+    assert max(abs(a - b) for a, b in zip(dense, flex)) < 1e-4
