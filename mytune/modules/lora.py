@@ -10,16 +10,28 @@ The math, initialisation and parameter names are PEFT's, so an adapter trained h
 `LoRALinear` keeps the wrapped layer's `weight` and `bias` at the same state-dict path (`...q_proj.weight`), so a
 Hugging Face checkpoint loads into a LoRA model unchanged; the adapter adds `lora_A.weight`, `lora_B.weight` and
 (DoRA) `lora_magnitude_vector` next to them, PEFT's key names minus its `base_model.model.` prefix.
+
+Speed and memory (the same numbers, fewer passes over memory):
+- LoRA adds `scale * B(A(dropout(x)))` into the base output with one in-place `addmm_` (the scale folded into the
+  matmul), so no output-sized temporary besides the base output exists.
+- DoRA's weight norm depends only on the weights, so each layer computes it once and reuses it for every
+  micro-batch (and an activation-checkpointing recompute) until the weights change: every optimizer step drops it
+  (`LoRALinear.dora_weight_norm` lists the other triggers; `invalidate_dora_norms` for hand edits).
+- Every path compiles without graph breaks (`fullgraph=True`); compiled, an NF4 weight is dequantized by one fused
+  kernel and recomputed in the backward rather than saved (`nf4_linear`).
 """
 
 import copy
 import difflib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mytune.errors import MytuneError
 from mytune.torchao_import import quiet_torchao_import
@@ -91,6 +103,12 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory))
         else:
             self.register_parameter("lora_magnitude_vector", None)
+        # DoRA's cached weight norm (not a buffer: no state-dict key, not sharded) and, for eager calls, the
+        # version key of the weights it was computed from; see `dora_weight_norm`.
+        self._dora_norm: torch.Tensor | None = None
+        self._dora_norm_key: tuple | None = None
+        if use_dora:
+            _track_dora_layer(self)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # like nn.Linear; from_linear replaces it
         self.reset_lora_parameters()
 
@@ -124,6 +142,7 @@ class LoRALinear(nn.Module):
         the DoRA magnitude is the row norm of the (unchanged) combined weight."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.invalidate_dora_norm()
         if self.use_dora and not self.weight.is_meta:
             self.lora_magnitude_vector.copy_(self._weight_norm(self.dense_weight(), self.lora_weight()))
 
@@ -139,28 +158,97 @@ class LoRALinear(nn.Module):
         return self.lora_B.weight @ self.lora_A.weight
 
     def _weight_norm(self, weight: torch.Tensor, lora_weight: torch.Tensor) -> torch.Tensor:
-        """Row-wise L2 norm of `W + scaling * B A` (PEFT's `get_weight_norm`)."""
-        return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
+        """Row-wise L2 norm of `W + scaling * B A` (PEFT's `get_weight_norm`), bit for bit, with one [out, in]
+        buffer: `lora_weight` must be a fresh `B @ A` outside autograd; it is scaled and summed into in place
+        (fl(s * BA) then fl(. + W), and addition commutes)."""
+        return torch.linalg.norm(lora_weight.mul_(self.scaling).add_(weight), dim=1).to(weight.dtype)
+
+    def dora_weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """`||W + scaling * B A||_row` in `dtype`, detached: computed once, then reused until the weights change.
+
+        The norm depends only on the weights, which change at the optimizer step, so the micro-batches of a step
+        and an activation-checkpointing recompute share one computation (bitwise the same norm as computing it each
+        time). The cache is dropped by every `torch.optim.Optimizer.step` (a global post-step hook), by
+        `load_state_dict`, `reset_lora_parameters`, moves/casts (`.to()`), and `invalidate_dora_norms`; eager calls
+        also recompute when a weight's version counter or identity changed (an in-place edit under `no_grad`).
+        Compiled graphs cannot read version counters without a graph break: after editing adapter weights by hand
+        (not by an optimizer or `load_state_dict`) in a compiled model, call `invalidate_dora_norms(model)`.
+        FSDP2 re-gathers unsharded weights without bumping their version, so there the optimizer hook is what
+        invalidates.
+
+        Compiled, the cache is a side effect of the graph (storing the norm on the module), which dynamo refuses
+        inside an activation-checkpointed layer unless `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_
+        checkpoint` is True (safe here: the recompute needs no store). With that flag off, compiled layers compute
+        the norm in every call, as before the cache (inductor fuses it with the base weight's dequantization).
+        """
+        eager = not torch.compiler.is_compiling()
+        if not eager and not _graph_may_cache():
+            with torch.no_grad():  # no side effect in the graph: computed per call, fused by inductor
+                return self._weight_norm(self.dense_weight(dtype), self.lora_weight().to(dtype))
+        norm = self._dora_norm
+        if norm is None or norm.dtype != dtype or (eager and self._dora_norm_key != self._weights_key(norm)):
+            with torch.no_grad():  # detached (DoRA paper 4.3): no graph is built for B @ A
+                norm = self._weight_norm(self.dense_weight(dtype), self.lora_weight().to(dtype))
+            self._dora_norm = norm
+            self._dora_norm_key = self._weights_key(norm) if eager else None
+        return norm
+
+    def _weights_key(self, norm: torch.Tensor) -> tuple:
+        """What the cached norm depends on, as cheap Python values: identity, version and device of W, A and B, and
+        whether an inference-mode norm meets a forward outside inference mode (autograd cannot save it)."""
+        tensors = (self.weight, self.lora_A.weight, self.lora_B.weight)
+        stale_inference = norm.is_inference() and not torch.is_inference_mode_enabled()
+        return (*((id(t), t._version, t.device) for t in tensors), stale_inference)
+
+    def invalidate_dora_norm(self) -> None:
+        """Forget the cached DoRA weight norm (the next forward recomputes it)."""
+        self._dora_norm = None
+        self._dora_norm_key = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NF4Tensor handles F.linear itself (torchao's `linear_nf4`: dequantize to x.dtype, matmul, no weight grad).
-        result = F.linear(x, self.weight, self.bias)
-        if not self.use_dora:
-            return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        return result + self._dora_delta(x, result)
+        result = self._base_forward(x)
+        if self.use_dora:
+            return self._dora_forward(x, result)
+        hidden = self.lora_A(self.lora_dropout(x))
+        return _add_lora_output(result, hidden, self.lora_B.weight, self.scaling)
 
-    def _dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What DoRA adds to the base output, exactly as PEFT's `DoraLinearLayer.forward` computes it."""
-        weight = self.dense_weight(x.dtype)
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x W^T + b`; an NF4 weight through `nf4_linear`."""
+        if self.quantized:
+            return nf4_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's output, exactly (bitwise) as PEFT's `DoraLinearLayer.forward` plus the base output computes it:
+        `result + (m/||W + s BA|| - 1) * base + m/||W + s BA|| * B(A(x)) * s`, the sums done in place on fresh
+        tensors (no autograd-saved tensor is overwritten) and the norm cached (`dora_weight_norm`)."""
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_result = result if self.bias is None else result - self.bias
         else:
             x = self.lora_dropout(x)
-            base_result = F.linear(x, weight)
-        weight_norm = self._weight_norm(weight, self.lora_weight().to(x.dtype).detach()).detach()
+            base_result = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
+        weight_norm = self.dora_weight_norm(x.dtype)
         mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
         lora_result = self.lora_B(self.lora_A(x))
-        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+        delta = (mag_norm_scale - 1) * base_result
+        delta.add_((mag_norm_scale * lora_result).mul_(self.scaling))
+        return delta.add_(result)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.invalidate_dora_norm()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.invalidate_dora_norm()
+        return super()._apply(fn, recurse)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled or deep-copied layers are tracked too (their cache must follow optimizer steps)."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_dora_norm", None)  # pickles from before the cache
+        self.__dict__.setdefault("_dora_norm_key", None)
+        if self.use_dora:
+            _track_dora_layer(self)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -183,6 +271,78 @@ class LoRALinear(nn.Module):
     @property
     def dropout(self) -> float:
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+
+def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x W^T + b` for an NF4 `weight`, dequantized to `x.dtype`, never keeping the dequantized weight for the backward.
+
+    Eager: torchao's `linear_nf4` (it saves the NF4 weight and dequantizes again in the backward); the bias is added
+    in place. Compiled: the dequantization is a checkpointed region, so inductor fuses it into one kernel (torchao's
+    eager dequantization allocates ~7x the dense weight's bytes in int64 indices and intermediates) and recomputes
+    it in the backward; without the checkpoint the partitioner would save each dense weight from the forward to the
+    backward, which is what QLoRA exists to avoid.
+    """
+    if torch.compiler.is_compiling():
+        dense = torch.utils.checkpoint.checkpoint(_dequantize, weight, x.dtype, use_reentrant=False)
+        return F.linear(x, dense, bias)
+    result = F.linear(x, weight)  # NF4Tensor's F.linear is torchao's `linear_nf4`
+    return result if bias is None else result.add_(bias)
+
+
+def _dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype)
+
+
+def _graph_may_cache() -> bool:
+    """Whether a compiled DoRA layer may store its norm on the module (see `LoRALinear.dora_weight_norm`)."""
+    return bool(torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint)
+
+
+def _add_lora_output(result: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`result + scaling * hidden @ lora_b^T`, accumulated into `result` by one `addmm_` (scale folded in).
+
+    Equal to `result + B(hidden) * scaling` up to one rounding (fp32: ~1e-7 relative), and the output-sized
+    temporaries of `B(hidden)`, `* scaling` and `+` never exist. In place is safe for autograd: `result` is a fresh
+    output of `F.linear`/`linear_nf4`, which do not keep their output for the backward. Mixed dtypes (a caller's
+    autocast: in-place ops are not autocast) take the plain formula.
+    """
+    if not result.dtype == hidden.dtype == lora_b.dtype:
+        return result + F.linear(hidden, lora_b) * scaling
+    flat = result.view(-1, result.shape[-1])
+    flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), lora_b.t(), alpha=scaling)
+    return result
+
+
+# Every live DoRA layer, so that an optimizer step anywhere drops their cached weight norms.
+_DORA_LAYERS: "weakref.WeakSet[LoRALinear]" = weakref.WeakSet()
+_OPTIMIZER_HOOK = None
+
+
+def _track_dora_layer(layer: LoRALinear) -> None:
+    """Register `layer` for invalidation at every optimizer step (installing the global hook once)."""
+    global _OPTIMIZER_HOOK
+    _DORA_LAYERS.add(layer)
+    if _OPTIMIZER_HOOK is None:
+        _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global post-step hook: the weights may have changed, so no DoRA layer may reuse its norm."""
+    for layer in list(_DORA_LAYERS):
+        layer.invalidate_dora_norm()
+
+
+def invalidate_dora_norms(model: nn.Module | None = None) -> int:
+    """Drop the cached DoRA weight norms of `model`'s layers (default: of every DoRA layer); returns how many.
+
+    Not needed after `optimizer.step()` of a `torch.optim.Optimizer` (a global hook does it), `load_state_dict`
+    or `.to()`. Call it after changing adapter or base weights any other way (e.g. `p.copy_()` under `no_grad`,
+    or a custom optimizer that is not a `torch.optim.Optimizer`) when the model is compiled or under FSDP.
+    """
+    layers = [layer for _, layer in lora_layers(model)] if model is not None else list(_DORA_LAYERS)
+    for layer in layers:
+        layer.invalidate_dora_norm()
+    return len(layers)
 
 
 def apply_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0,

@@ -81,6 +81,9 @@ def test_config_parses_validates_and_runs(config, tiny_checkpoints, tmp_path, ca
         "checkpoint_dir": ckpt, "tokenizer_path": ckpt, "model": "", "dataset_path": DEMO / "alpaca_demo.jsonl",
         "output_dir": tmp_path / "out", "device": "cpu", "epochs": 1, "max_steps_per_epoch": 2, "max_seq_len": 128,
         "batch_size": 2, "gradient_accumulation_steps": 1, "dataset_cache_dir": tmp_path / "cache", "max_new_tokens": 4,
+        # The QLoRA configs compile on GPUs; inductor on this CPU would take minutes per config. The compiled paths
+        # have their own tests (tests/modules/test_lora_fast.py, tests/gpu).
+        "compile": False,
     }
     overrides = [f"{k}={v}" for k, v in swaps.items() if k in fields]
     if "quantize_base: true" in config.read_text() and recipe.endswith("_distributed"):
