@@ -10,7 +10,6 @@ stdout, one completion per sample; speed (tokens/s, time to first token) goes to
 Decoding stops at the model's eos tokens and, for chat prompts, at the template's end-of-turn token.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mytune.checkpoint import load_hf_model
+from mytune.checkpoint.hf import read_json_file
 from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data.encoding import TextEncoder, special_token_strings
 from mytune.data.formats import RowError
@@ -109,12 +109,17 @@ class GenerateRecipe:
         sources = [self.model.args.eos_token_id]
         generation_config = self.checkpoint_dir / "generation_config.json"
         if generation_config.is_file():
-            try:
-                sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
-            except json.JSONDecodeError as err:
-                raise MytuneError(f"{generation_config}: invalid JSON ({err})") from None
+            config = read_json_file(generation_config, "generation_config.json")
+            if not isinstance(config, dict):
+                raise MytuneError(f"{generation_config}: must be a JSON object of settings, got a "
+                                  f"{type(config).__name__}; fix it, or delete it to use config.json's eos_token_id")
+            sources.append(config.get("eos_token_id"))
         for value in sources:
-            ids += [value] if isinstance(value, int) else list(value or [])
+            values = value if isinstance(value, list) else [value]
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+                raise MytuneError(f"eos_token_id {value!r} in {self.checkpoint_dir} is not a token id or a list of "
+                                  f"them: fix generation_config.json")
+            ids += [v for v in values if v is not None]
         return ids
 
     def generate(self, prompt_ids: list[int], stop_ids: list[int]) -> tuple[list[list[int]], dict[str, float]]:

@@ -5,11 +5,14 @@ with `torch.load(weights_only=True)` as a fallback for old checkpoints.
 """
 
 import json
+import math
+import pickle
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mytune.checkpoint.atomic import atomic_directory
@@ -48,18 +51,89 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     return key
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON `true` is no integer here
+
+
+def _positive_int(value: object) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _token_id(value: object) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _or_null(check):
+    return lambda value: value is None or check(value)
+
+
+# config.json fields the model is built from: (check of the JSON value, what it must be). Absent fields take the
+# family's defaults; a present one of the wrong type would otherwise fail deep inside model construction.
+CONFIG_FIELD_CHECKS = {
+    "vocab_size": (_positive_int, "a positive integer"),
+    "hidden_size": (_positive_int, "a positive integer"),
+    "intermediate_size": (_positive_int, "a positive integer"),
+    "num_hidden_layers": (_positive_int, "a positive integer"),
+    "num_attention_heads": (_positive_int, "a positive integer"),
+    "max_position_embeddings": (_positive_int, "a positive integer"),
+    "num_key_value_heads": (_or_null(_positive_int), "a positive integer or null"),
+    "head_dim": (_or_null(_positive_int), "a positive integer or null"),
+    "sliding_window": (_or_null(_positive_int), "a positive integer or null"),
+    "max_window_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "bos_token_id": (_or_null(_token_id), "a token id (an integer >= 0) or null"),
+    "eos_token_id": (_or_null(lambda v: all(map(_token_id, v)) if isinstance(v, list) else _token_id(v)),
+                     "a token id, a list of token ids or null"),
+    "rms_norm_eps": (_positive_number, "a positive number"),
+    "rope_theta": (_or_null(_positive_number), "a positive number or null"),
+    "rope_scaling": (_or_null(lambda v: isinstance(v, dict)), "a mapping or null"),
+    "rope_parameters": (_or_null(lambda v: isinstance(v, dict)), "a mapping or null"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "attention_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "use_sliding_window": (lambda v: isinstance(v, bool), "true or false"),
+}
+_REDOWNLOAD = "the file is damaged or not a Hugging Face config.json: fix it or copy/download it again"
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> object:
+    """The parsed JSON of `path`; unreadable, non-UTF-8 or invalid JSON raise one MytuneError line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MytuneError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise MytuneError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"the {what} is damaged: copy or download it again") from None
+    except json.JSONDecodeError as err:
+        raise MytuneError(f"{path}: invalid JSON ({err}); the {what} is damaged: copy or download it again") from None
+
+
 def read_hf_config(checkpoint_dir: str | Path) -> dict:
-    """The checkpoint's config.json as a dict."""
+    """The checkpoint's config.json as a dict, its model fields checked for type (one MytuneError line if not)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise MytuneError(f"checkpoint directory {checkpoint_dir} does not exist")
     path = checkpoint_dir / CONFIG_NAME
     if not path.is_file():
         raise MytuneError(f"{path} not found: checkpoint_dir must hold a Hugging Face config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MytuneError(f"{path}: invalid JSON ({err})") from None
+    config = read_json_file(path, "config.json")
+    if not isinstance(config, dict):
+        raise MytuneError(f"{path}: must be a JSON object of settings, got a {type(config).__name__}; {_REDOWNLOAD}")
+    check_hf_config(config, path)
+    return config
+
+
+def check_hf_config(config: dict, path: Path | str) -> None:
+    """model_type is a string and each model field present in config.json has a usable value (CONFIG_FIELD_CHECKS)."""
+    if not isinstance(config.get("model_type"), str):
+        raise MytuneError(f"{path}: model_type must be a string such as \"llama\", got {config.get('model_type')!r}; "
+                          f"{_REDOWNLOAD}")
+    for key, (check, expected) in CONFIG_FIELD_CHECKS.items():
+        if key in config and not check(config[key]):
+            raise MytuneError(f"{path}: {key} must be {expected}, got {config[key]!r}; {_REDOWNLOAD}")
 
 
 def load_hf_model(checkpoint_dir: str | Path, *, device: str | torch.device = "cpu",
@@ -106,15 +180,48 @@ def load_hf_model(checkpoint_dir: str | Path, *, device: str | torch.device = "c
 
 
 def _iter_checkpoint_tensors(checkpoint_dir: Path, device: torch.device) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, key, tensor) for every tensor of the checkpoint, read onto `device`."""
+    """(file, key, tensor) for every tensor of the checkpoint, read onto `device`; a damaged file is one line."""
     for path in _weight_files(checkpoint_dir):
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt", device=_safetensors_device(device)) as f:
-                for key in f.keys():
-                    yield path, key, f.get_tensor(key)
+            yield from _safetensors_tensors(path, device)
         else:
-            for key, tensor in torch.load(path, map_location=device, weights_only=True, mmap=True).items():
+            for key, tensor in _load_bin(path, device).items():
                 yield path, key, tensor
+
+
+def damaged_weights_error(path: Path, detail: object) -> MytuneError:
+    """The one line for a weight file that cannot be read: what it is and what to do."""
+    detail = " ".join(str(detail).split())
+    return MytuneError(f"{path}: cannot read the weights ({detail}); the file is damaged or incomplete (an "
+                       f"interrupted copy, download or save?): copy or download it again, or use another checkpoint")
+
+
+def _safetensors_tensors(path: Path, device: torch.device) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt", device=_safetensors_device(device)) as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                yield path, key, tensor
+    except (SafetensorError, OSError) as err:
+        raise damaged_weights_error(path, err) from None
+
+
+def _load_bin(path: Path, device: torch.device) -> dict:
+    """A pytorch_model.bin shard, read with weights_only=True: pickled code is refused, never run."""
+    try:
+        # mmap needs the zip format of torch >= 1.6; older (legacy) files are read whole
+        state_dict = torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:  # (torch's own text suggests weights_only=False: never repeated here)
+        if not zipfile.is_zipfile(path):
+            raise damaged_weights_error(path, "not a torch checkpoint file") from None
+        raise MytuneError(f"{path}: holds pickled objects other than tensors; mytune reads only plain tensors, so "
+                          "it will not run code from a checkpoint: convert the checkpoint to safetensors where you "
+                          "trust it, or use another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise damaged_weights_error(path, err) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise damaged_weights_error(path, "not a mapping of names to tensors")
+    return state_dict
 
 
 def _safetensors_device(device: torch.device) -> str:
@@ -129,11 +236,7 @@ def _weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name, single_name in ((SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME), (BIN_INDEX_NAME, BIN_NAME)):
         index_path = checkpoint_dir / index_name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise MytuneError(f"{index_path}: not a valid index ({err!r})") from None
-            files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+            files = [checkpoint_dir / name for name in _index_file_names(index_path)]
             for file in files:
                 if not file.is_file():
                     raise MytuneError(f"{index_path} names {file.name}, which does not exist")
@@ -141,6 +244,20 @@ def _weight_files(checkpoint_dir: Path) -> list[Path]:
         if (checkpoint_dir / single_name).is_file():
             return [checkpoint_dir / single_name]
     raise MytuneError(f"{checkpoint_dir} has no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
+
+
+def _index_file_names(index_path: Path) -> list[str]:
+    """The weight file names an index's `weight_map` ({key: file name in the same directory}) points at."""
+    index = read_json_file(index_path, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MytuneError(f"{index_path}: not a valid index (it needs a \"weight_map\" object of tensor name -> "
+                          f"file name); the file is damaged: copy or download it again")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise MytuneError(f"{index_path}: weight_map[{key!r}] must be a file name in the same directory, got "
+                              f"{name!r}; the file is damaged: copy or download it again")
+    return sorted(set(weight_map.values()))
 
 
 def save_hf_checkpoint(model: TransformerDecoder, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,

@@ -7,15 +7,16 @@ adapter_dir)` and gives the same logits as the mytune model it came from. Keys a
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mytune.checkpoint.atomic import atomic_directory
-from mytune.checkpoint.hf import hf_to_mytune_key, mytune_to_hf_key
+from mytune.checkpoint.hf import damaged_weights_error, hf_to_mytune_key, mytune_to_hf_key, read_json_file
 from mytune.errors import MytuneError
 from mytune.models.transformer import TransformerDecoder
 from mytune.modules.lora import LORA_TARGETS, apply_lora, lora_layers, lora_state_dict, resolve_lora_targets
@@ -91,10 +92,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise MytuneError(f"{path} not found: an adapter directory holds adapter_config.json and "
                           f"{ADAPTER_WEIGHTS_NAME}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MytuneError(f"{path}: invalid JSON ({err})") from None
+    config = read_json_file(path, ADAPTER_CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise MytuneError(f"{path}: must be a JSON object of settings, got a {type(config).__name__}; the file is "
+                          "damaged: copy it again")
     if config.get("peft_type") != "LORA":
         raise MytuneError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     if not isinstance(config.get("target_modules"), list):
@@ -105,6 +106,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     for key, default in unsupported.items():
         if config.get(key) is not None and config[key] != default:
             raise MytuneError(f"{path}: {key}={config[key]!r} is not supported (only {default!r})")
+    for key, expected in (("r", "a positive integer"), ("lora_alpha", "a positive number")):
+        value = config.get(key)
+        kinds = int if key == "r" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not (math.isfinite(value) and value > 0):
+            raise MytuneError(f"{path}: {key} must be {expected}, got {value!r}; the file is damaged: copy it again")
     return config
 
 
@@ -131,6 +137,20 @@ def load_peft_adapter(model: TransformerDecoder, adapter_dir: str | Path) -> Tra
                                   f"{name} has r={layer.rank}, lora_alpha={layer.alpha}, use_dora={layer.use_dora}")
 
     expected = {key: model.get_parameter(key) for key in lora_state_dict(model)}
+    try:
+        loaded = _copy_adapter_tensors(path, model, expected)
+    except (SafetensorError, OSError) as err:
+        raise damaged_weights_error(path, err) from None
+    missing = [key for key in expected if key not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        peft_key = PEFT_KEY_PREFIX + mytune_to_hf_key(model.args.model_type, missing[0])
+        raise MytuneError(f"{path}: missing key {peft_key!r}{more}")
+    return model
+
+
+def _copy_adapter_tensors(path: Path, model: TransformerDecoder, expected: dict[str, torch.Tensor]) -> set[str]:
+    """Copy the adapter file's tensors into the model's LoRA parameters (`expected`); returns the keys loaded."""
     loaded = set()
     with safe_open(path, framework="pt") as f, torch.no_grad():
         for peft_key in f.keys():
@@ -148,9 +168,4 @@ def load_peft_adapter(model: TransformerDecoder, adapter_dir: str | Path) -> Tra
                                   f"{tuple(expected[key].shape)}")
             expected[key].copy_(tensor)
             loaded.add(key)
-    missing = [key for key in expected if key not in loaded]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        peft_key = PEFT_KEY_PREFIX + mytune_to_hf_key(model.args.model_type, missing[0])
-        raise MytuneError(f"{path}: missing key {peft_key!r}{more}")
-    return model
+    return loaded

@@ -46,6 +46,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         loaded = OmegaConf.load(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          f"save the config as UTF-8") from None
+    except OSError as err:  # a directory, no permission, an I/O error
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -5,6 +5,10 @@ and schedule, checkpoints, the data pipeline's options); their params call these
 own checks (device, LoRA). Importing this module stays torch-free: `mytune ls` / `--help` parse params without torch.
 """
 
+import dataclasses
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 from mytune.errors import ConfigError, MytuneError
@@ -15,8 +19,45 @@ POSITIVE_INT_FIELDS = ("max_seq_len", "epochs", "batch_size", "gradient_accumula
                        "loss_chunk_size", "profile_steps")
 
 
+def check_finite_floats(p: Any) -> None:
+    """No float field holds nan or inf: none of them means anything there (`lr=nan` would pass `lr > 0` checks)."""
+    for field in dataclasses.fields(p):
+        value = getattr(p, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            default = f" (default {field.default!r})" if field.default is not dataclasses.MISSING else ""
+            raise ConfigError(f"{field.name} must be a finite number, got {value}: set {field.name} to a "
+                              f"number{default}")
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The first existing component of `path` (itself or an ancestor) that is not a directory, else None."""
+    path = Path(path).expanduser().absolute()
+    for candidate in (*reversed(path.parents), path):
+        if not candidate.exists():
+            return None
+        if not candidate.is_dir():
+            return candidate
+    return None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir is (or can become) a directory this process may write: a file in the way or a read-only parent
+    fails here, in one line, instead of at the first write. Nothing is created."""
+    blocker = file_in_the_way(output_dir)
+    if blocker is not None:
+        what = "is a file" if blocker == Path(output_dir).expanduser().absolute() else f"is under the file {blocker}"
+        raise ConfigError(f"output_dir={output_dir} {what}, not a directory: set output_dir to a directory path")
+    path = Path(output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise ConfigError(f"output_dir={output_dir} is not writable{where}: make {existing} writable or set "
+                          f"output_dir to a directory you can write")
+
+
 def check_training_fields(p: Any) -> None:
     """Sources (model, data, tokenizer, output), sizes, optimizer, schedule, checkpoints, loggers and dtype."""
+    check_finite_floats(p)
     if not p.checkpoint_dir and not p.model:
         raise ConfigError("checkpoint_dir is empty: set checkpoint_dir=<Hugging Face model dir> (or model=<builder> for a random start)")
     if not p.dataset_path:
@@ -25,6 +66,7 @@ def check_training_fields(p: Any) -> None:
         raise ConfigError("tokenizer_path is empty and there is no checkpoint_dir to take the tokenizer from: set tokenizer_path=...")
     if not p.output_dir:
         raise ConfigError("output_dir is empty: set output_dir=<directory for checkpoints and metrics>")
+    check_output_dir(p.output_dir)
     for name in POSITIVE_INT_FIELDS:
         if getattr(p, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")

@@ -97,7 +97,7 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False, split: str = "tr
     table = RowTable()
     local = Path(path).expanduser()
     if local.is_dir():
-        for file in _folder_files(local):
+        for file in data_files(local):
             _read_file(file, table, skip_bad_rows)
     elif local.exists():
         _read_file(local, table, skip_bad_rows)
@@ -114,13 +114,14 @@ def local_fingerprint(path: str | Path) -> list[str] | None:
     """Identity of a local file or folder's data files (path, size, mtime) without reading them; None if not local."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return [_fingerprint_file(file) for file in _folder_files(local)]
+        return [_fingerprint_file(file) for file in data_files(local)]
     if local.is_file():
         return [_fingerprint_file(local)]
     return None
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a dataset folder, in the order they are read (one kind of file per folder)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in FILE_KINDS)
     if not files:
         raise MytuneError(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from mytune.data.cache import cache_key, load_entry, save_entry, tokenizer_fingerprint
+from mytune.data.cache import cache_key, content_fingerprint, load_entry, save_entry, tokenizer_fingerprint
 from mytune.data.encoding import TextEncoder, special_token_strings
 from mytune.data.formats import (
     Example,
@@ -35,7 +35,14 @@ from mytune.data.formats import (
     to_example,
 )
 from mytune.data.packing import greedy_pack
-from mytune.data.rows import RowTable, local_fingerprint, looks_like_hub_name, open_hub_dataset, read_rows
+from mytune.data.rows import (
+    RowTable,
+    data_files,
+    local_fingerprint,
+    looks_like_hub_name,
+    open_hub_dataset,
+    read_rows,
+)
 from mytune.data.templates import PromptRenderer, resolve_template
 from mytune.errors import ConfigError, MytuneError
 
@@ -195,23 +202,28 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
     """
     settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc)
-    # The data's identity before any row is read: local files by path, size and mtime; a hub dataset once opened.
+    # The data's identity before any row is read: local files by their bytes; a hub dataset once opened.
     data_id, hub = local_fingerprint(path), None
     if data_id is None and looks_like_hub_name(str(path)):
         hub = open_hub_dataset(str(path), split)
         data_id = [hub[1]]
     key = None
+    vocab_size = getattr(tokenizer, "vocab_size", None)
     if cache_dir is not None and data_id is not None:  # (no data_id: a missing path, reported by read_rows)
         cache_dir = Path(cache_dir).expanduser()
+        if hub is None:  # path, size and mtime survive an in-place edit (cp -p, rsync, tar): hash the content
+            local = Path(path).expanduser()
+            data_id = content_fingerprint([local] if local.is_file() else data_files(local))
         key = cache_key(data_id, tokenizer_fingerprint(tokenizer), {**settings.cache_fields(), "split": split})
-        if (cached := load_entry(cache_dir, key)) is not None:
+        if (cached := load_entry(cache_dir, key, vocab_size=vocab_size)) is not None:
             return _from_arrays(*cached, settings, train_on_input, packed, cache="hit")
     table = read_rows(path, skip_bad_rows=skip_bad_rows, split=split, hub=hub)
     tokens, targets, offsets, meta = _tokenize_table(table, tokenizer, settings, source=str(path))
+    cache = "off"
     if cache_dir is not None:
-        save_entry(cache_dir, key, tokens, targets, offsets, meta)
-    return _from_arrays(tokens, targets, offsets, meta, settings, train_on_input, packed,
-                        cache="written" if cache_dir is not None else "off")
+        written = save_entry(cache_dir, key, tokens, targets, offsets, meta, vocab_size=vocab_size)
+        cache = "written" if written is not None else "not written"
+    return _from_arrays(tokens, targets, offsets, meta, settings, train_on_input, packed, cache=cache)
 
 
 def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, source: str = "<rows>",

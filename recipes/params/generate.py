@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from mytune.config.validation import check_finite_floats
 from mytune.errors import ConfigError
 
 MAX_NUM_SAMPLES = 16
@@ -38,6 +39,7 @@ class GenerateParams:
     device: str = "auto"  # auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps
 
     def __post_init__(self) -> None:
+        check_finite_floats(self)
         if not self.checkpoint_dir:
             raise ConfigError("checkpoint_dir is empty: set checkpoint_dir=<Hugging Face model dir>")
         self.messages = _parse_messages(self.messages)

@@ -175,7 +175,7 @@ def test_failure_mid_write_leaves_no_partial_directory(tmp_path, monkeypatch):
         save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(hf_module, "save_file", failing_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MytuneError, match="disk full"):  # one line for the user, not a traceback
         save_hf_checkpoint(model, tmp_path / "new", max_shard_bytes=100_000)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary directory
 
@@ -184,7 +184,7 @@ def test_failure_mid_write_leaves_no_partial_directory(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     calls.clear()
     monkeypatch.setattr(hf_module, "save_file", failing_save_file)
-    with pytest.raises(OSError):
+    with pytest.raises(MytuneError, match="previous one is kept"):
         save_hf_checkpoint(llama_tiny(vocab_size=64), tmp_path / "old", max_shard_bytes=100_000)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before  # old checkpoint intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
