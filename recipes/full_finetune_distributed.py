@@ -54,11 +54,19 @@ from mytune.training.loss import (
     label_positions,
 )
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import build_metric_loggers
+from mytune.training.lifetime import StopSignals, exit_with_launcher
+from mytune.training.metrics import build_metric_loggers, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.profiling import maybe_profile, peak_memory_gib
-from mytune.training.recipe_state import load_recipe_state, prune_checkpoints, resolve_resume_dir, save_recipe_state
-from mytune.training.safety import PreemptionHandler, check_finite
+from mytune.training.recipe_state import (
+    apply_resume_precedence,
+    load_recipe_state,
+    params_record,
+    prune_checkpoints,
+    save_recipe_state,
+)
+from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
+from mytune.training.safety import check_finite
 from recipes.params.full_finetune_distributed import FullFinetuneDistributedParams
 
 
@@ -74,11 +82,18 @@ class FullFinetuneRecipeDistributed:
         self.global_step = 0
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
-        self.resume_dir = distributed.decided_by_rank_zero(
-            lambda: resolve_resume_dir(params.resume_from_checkpoint, params.output_dir))
+        # Rank 0 also holds the output_dir's lock until cleanup and refuses to mix with another run's step_<N>.
+        self.run_lock = None
+
+        def claim():
+            self.run_lock, resume_dir = claim_output_dir(params.output_dir, params.resume_from_checkpoint,
+                                                         overwrite=params.overwrite_output_dir)
+            return resume_dir
+
+        self.resume_dir = distributed.decided_by_rank_zero(claim)
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
-        self.preemption = PreemptionHandler()  # SIGTERM -> a flag; installed while `train` runs
+        self.preemption = StopSignals()  # SIGTERM or Ctrl-C -> a flag; installed while `train` runs
         self.stop_requested = False  # any rank signalled: set by train_step, the same on every rank
         set_seed(params.seed)  # the same seed on every rank: rank 0's random start and the data order
 
@@ -156,9 +171,18 @@ class FullFinetuneRecipeDistributed:
             self.global_step, self.epoch = state.global_step, state.epoch
             self.dataloader.load_state_dict(state.dataloader_state)
             self.last_saved_step = self.global_step
+            # What the config and command line say now beats the checkpoint (lr, weight decay, schedule).
+            changed = apply_resume_precedence(self.optimizer, self.lr_scheduler, saved=state.extra.get("params"),
+                                              current=params_record(p, total_steps=self.total_steps),
+                                              checkpoint_dir=self.resume_dir, global_step=self.global_step)
             if self.is_rank_zero:
                 print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
+                if changed:
+                    print(f"changed since the checkpoint (the new values apply): {', '.join(changed)}", flush=True)
+                if self.global_step == self.total_steps:
+                    print(f"{self.resume_dir} is the last step ({self.total_steps}): nothing left to train", flush=True)
         if self.is_rank_zero:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)  # one row per step after a resume
             self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
                                                       config=dataclasses.asdict(p))
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
@@ -181,6 +205,8 @@ class FullFinetuneRecipeDistributed:
         """
         p = self.params
         cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        if cache_dir is not None and self.is_rank_zero:
+            remove_stale_cache_temps(cache_dir)  # killed tokenizations' temporary folders
         build = partial(
             build_sft_dataset,
             tokenizer=self.tokenizer,
@@ -242,8 +268,8 @@ class FullFinetuneRecipeDistributed:
 
     def train(self) -> None:
         """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
-        checkpoint every `save_every_n_steps`. On SIGTERM to any rank (preemption) every rank stops after the same
-        step, they save a checkpoint together and return early: `recipe_main` then finds it saved, exit 0."""
+        checkpoint every `save_every_n_steps`. On SIGTERM or Ctrl-C to any rank (preemption) every rank stops after the
+        same step, they save a checkpoint together and return early: `recipe_main` then finds it saved, exit 0."""
         p = self.params
         # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
         first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
@@ -313,7 +339,7 @@ class FullFinetuneRecipeDistributed:
         self.stop_requested = signalled > 0
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
-        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
@@ -385,11 +411,11 @@ class FullFinetuneRecipeDistributed:
         del full_model
         save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, model=self.model,
                           dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
-                          epoch=self.epoch)
+                          epoch=self.epoch, extra={"params": params_record(p, total_steps=self.total_steps)})
         self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
         if self.is_rank_zero:
             if p.keep_last_n_checkpoints is not None:
-                prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
+                prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints, protect=out_dir)
             print(f"saved checkpoint to {out_dir}", flush=True)
         distributed.barrier()  # no rank returns before the checkpoint exists
         return out_dir
@@ -397,6 +423,7 @@ class FullFinetuneRecipeDistributed:
     def cleanup(self) -> None:
         if self.is_rank_zero:
             self.metric_logger.close()
+            self.run_lock.release()
         distributed.destroy_distributed()
 
 
@@ -410,7 +437,9 @@ def report_dataset(field: str, dataset) -> None:
 
 def recipe_main(params: FullFinetuneDistributedParams) -> Path:
     """Run the whole recipe on this rank; returns the directory of the saved checkpoint."""
+    exit_with_launcher()  # under torchrun: stop (saving) when the launcher dies
     require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
+    recipe = None
     try:
         recipe = FullFinetuneRecipeDistributed(params)
         recipe.setup()
@@ -419,6 +448,9 @@ def recipe_main(params: FullFinetuneDistributedParams) -> Path:
     except MytuneError:
         distributed.destroy_distributed()  # leave the group before exiting: a live gloo group can abort the exit
         raise
+    finally:
+        if recipe is not None and recipe.run_lock is not None:
+            recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     recipe.cleanup()
     return out_dir
 

@@ -7,7 +7,7 @@ Every weight of the model is trained (AdamW, SGD or torchao's low-bit AdamW) on 
 file reads top to bottom: `FullFinetuneRecipeSingleDevice` tokenizes the data (instruct, chat or text rows; cached on
 disk), loads a Hugging Face checkpoint (or resumes a run from its `step_<N>`), trains with gradient accumulation,
 evaluates the validation loss every `eval_every_n_steps`, saves a checkpoint every `save_every_n_steps` and at the end,
-and stops cleanly on SIGTERM (a checkpoint, then exit 0). Copy it (`mytune cp`) and change anything.
+and stops cleanly on SIGTERM or Ctrl-C (a checkpoint, then exit 0). Copy it (`mytune cp`) and change anything.
 
 Checkpoints: `output_dir/step_<N>/` holds the Hugging Face files that `transformers` loads plus `recipe_state.pt`
 (optimizer, LR schedule, RNG, data position, step and epoch), so `resume_from_checkpoint=latest` continues the run
@@ -43,11 +43,19 @@ from mytune.training.float8 import check_float8_supported, convert_to_float8
 from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import build_metric_loggers
+from mytune.training.lifetime import StopSignals, exit_with_launcher
+from mytune.training.metrics import build_metric_loggers, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.profiling import maybe_profile, peak_memory_gib
-from mytune.training.recipe_state import load_recipe_state, prune_checkpoints, resolve_resume_dir, save_recipe_state
-from mytune.training.safety import PreemptionHandler, check_finite
+from mytune.training.recipe_state import (
+    apply_resume_precedence,
+    load_recipe_state,
+    params_record,
+    prune_checkpoints,
+    save_recipe_state,
+)
+from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
+from mytune.training.safety import check_finite
 from recipes.params.full_finetune_single_device import FullFinetuneParams
 
 
@@ -61,7 +69,10 @@ class FullFinetuneRecipeSingleDevice:
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
         self.epoch = 0
-        self.resume_dir = resolve_resume_dir(params.resume_from_checkpoint, params.output_dir)  # None: a fresh run
+        # The output_dir is this run's until cleanup (a lock); None: a fresh run. Refuses to mix with another run's
+        # step_<N> unless told (resume_from_checkpoint=latest or overwrite_output_dir=true).
+        self.run_lock, self.resume_dir = claim_output_dir(params.output_dir, params.resume_from_checkpoint,
+                                                          overwrite=params.overwrite_output_dir)
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
         set_seed(params.seed)
@@ -126,6 +137,15 @@ class FullFinetuneRecipeSingleDevice:
             self.dataloader.load_state_dict(state.dataloader_state)
             self.last_saved_step = self.global_step
             print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
+            # What the config and command line say now beats the checkpoint (lr, weight decay, schedule).
+            changed = apply_resume_precedence(self.optimizer, self.lr_scheduler, saved=state.extra.get("params"),
+                                              current=params_record(p, total_steps=self.total_steps),
+                                              checkpoint_dir=self.resume_dir, global_step=self.global_step)
+            if changed:
+                print(f"changed since the checkpoint (the new values apply): {', '.join(changed)}", flush=True)
+            if self.global_step == self.total_steps:
+                print(f"{self.resume_dir} is the last step ({self.total_steps}): nothing left to train", flush=True)
+        truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)  # one row per step after a resume
         self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
                                                   config=dataclasses.asdict(p))
         n_params = sum(t.numel() for t in self.model.parameters())
@@ -145,6 +165,8 @@ class FullFinetuneRecipeSingleDevice:
         """
         p = self.params
         cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        if cache_dir is not None:
+            remove_stale_cache_temps(cache_dir)  # killed tokenizations' temporary folders
         build = partial(
             build_sft_dataset,
             tokenizer=self.tokenizer,
@@ -183,14 +205,14 @@ class FullFinetuneRecipeSingleDevice:
 
     def train(self) -> None:
         """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
-        checkpoint every `save_every_n_steps`. On SIGTERM (preemption) it saves a checkpoint after the current step
-        and returns early: `recipe_main` then finds that checkpoint saved and the process exits 0."""
+        checkpoint every `save_every_n_steps`. On SIGTERM or Ctrl-C (preemption) it saves a checkpoint after the current
+        step and returns early: `recipe_main` then finds that checkpoint saved and the process exits 0."""
         p = self.params
         tokens_since_log, seconds_since_log = 0, 0.0
         # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
         first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
         with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True) as progress,
-              PreemptionHandler() as preemption,
+              StopSignals() as preemption,
               maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
             for epoch in range(first_epoch, p.epochs):
                 self.epoch = epoch
@@ -243,7 +265,7 @@ class FullFinetuneRecipeSingleDevice:
         step_loss = sum(loss.item() for loss in micro_losses)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # Before the optimizer step, so the last checkpoint named holds weights from before the divergence.
-        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr)
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm))
@@ -298,15 +320,16 @@ class FullFinetuneRecipeSingleDevice:
         save_hf_checkpoint(self.model, out_dir, dtype=self.dtype, tokenizer_files=self.tokenizer.files)
         save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                           dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
-                          epoch=self.epoch)
+                          epoch=self.epoch, extra={"params": params_record(p, total_steps=self.total_steps)})
         self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
         if p.keep_last_n_checkpoints is not None:
-            prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints)
+            prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints, protect=out_dir)
         print(f"saved checkpoint to {out_dir}", flush=True)
         return out_dir
 
     def cleanup(self) -> None:
         self.metric_logger.close()
+        self.run_lock.release()
 
 
 def report_dataset(field: str, dataset) -> None:
@@ -321,12 +344,16 @@ def recipe_main(params: FullFinetuneParams) -> Path:
     """Run the whole recipe; returns the directory of the saved checkpoint."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MytuneError("full_finetune_single_device runs on one device; use full_finetune_distributed under torchrun")
+    exit_with_launcher()  # under torchrun: stop (saving) when the launcher dies
     require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
     recipe = FullFinetuneRecipeSingleDevice(params)
-    recipe.setup()
-    recipe.train()
-    out_dir = recipe.save_checkpoint()
-    recipe.cleanup()
+    try:
+        recipe.setup()
+        recipe.train()
+        out_dir = recipe.save_checkpoint()
+        recipe.cleanup()
+    finally:
+        recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     return out_dir
 
 

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # e.g. `mytune cp --help`
         return _exit_code(exit_.code)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it (the first saves)
+        print("mytune: stopped by Ctrl-C (nothing was saved since the last checkpoint)", file=sys.stderr)
+        return 130
 
 
 def _recipes_table() -> str:

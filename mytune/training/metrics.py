@@ -37,6 +37,27 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep the rows of `path` (a metrics.jsonl) up to `last_step`: a run resumed at step N (0: a fresh start) logs
+    the steps after N again, so each step keeps one row. Rows cut off by a kill mid-write are dropped too. The file is
+    rewritten via a temporary file and a rename; a missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class MetricLogger(Protocol):
     """What a recipe logs to: `log` one dict per logged step (with a "step" key), `close` at the end."""
 

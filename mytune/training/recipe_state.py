@@ -10,17 +10,21 @@ strings, lists, tuples, dicts and None only (numpy's RNG state is converted to a
 never runs pickled code. `dataloader_state` and `extra` must keep to those types; `save_recipe_state` checks them.
 """
 
+import contextlib
 import io
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mytune.checkpoint.atomic import describe_write_error
 from mytune.errors import MytuneError
 
 RECIPE_STATE_FILE = "recipe_state.pt"
@@ -89,17 +93,21 @@ def save_recipe_state(
         "dataloader_state": dataloader_state,
         "extra": dict(extra or {}),
     }
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_dir / RECIPE_STATE_FILE
     tmp = checkpoint_dir / f".{RECIPE_STATE_FILE}.tmp-{os.getpid()}"
     try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save's writer reports a full disk as RuntimeError
+        kept = " (the previous one is kept)" if path.is_file() else ""
+        raise MytuneError(f"cannot write {path}{kept}: {describe_write_error(err, path)}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (also when checkpoint_dir turned out to be a file)
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -195,12 +203,51 @@ def _read_state(checkpoint_dir: Path, *, full_optimizer_state: bool) -> dict:
     if not path.is_file():
         raise MytuneError(f"{path} does not exist: {checkpoint_dir} is not a resumable checkpoint "
                           f"(it was saved without recipe state, or the save was interrupted)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_state_file(path)
     if state.get("format_version") != FORMAT_VERSION:
         raise MytuneError(f"{path} has format_version {state.get('format_version')}; this mytune reads {FORMAT_VERSION}")
+    for key, (expected, name) in _STATE_FIELDS.items():
+        if key not in state or not isinstance(state[key], expected) or isinstance(state[key], bool) != (expected is bool):
+            raise MytuneError(f"{path}: {key} is missing or not {name}: the file is damaged; {_DAMAGED_STATE_ADVICE}")
+    if state["global_step"] < 0 or state["epoch"] < 0 or not {"python", "torch"} <= state["rng"].keys():
+        raise MytuneError(f"{path}: global_step, epoch or rng hold impossible values: the file is damaged; "
+                          f"{_DAMAGED_STATE_ADVICE}")
     if full_optimizer_state != state["optimizer_full_state_dict"]:
         saved_as = "with" if state["optimizer_full_state_dict"] else "without"
         raise MytuneError(f"{path} was saved {saved_as} `model` (FSDP full optimizer state); load it the same way")
+    return state
+
+
+# The values every recipe_state.pt holds, and their types (`dataloader_state` may be anything weights-only).
+_STATE_FIELDS = {"global_step": (int, "an integer"), "epoch": (int, "an integer"), "optimizer": (dict, "a dict"),
+                 "optimizer_full_state_dict": (bool, "true or false"), "lr_scheduler": ((dict, type(None)), "a dict or None"),
+                 "rng": (dict, "a dict"), "rng_per_rank": ((list, type(None)), "a list or None"), "extra": (dict, "a dict")}
+_DAMAGED_STATE_ADVICE = "resume from another step_<N> (resume_from_checkpoint=<its path>) or start a fresh run"
+
+
+def _load_state_file(path: Path) -> dict:
+    """`torch.load(weights_only=True)` of a recipe_state.pt; a damaged or foreign file is one MytuneError line.
+
+    A file holding pickled objects other than plain data is refused, never loaded another way: reading a checkpoint
+    must not run code from it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):
+            raise MytuneError(f"{path}: holds pickled objects other than tensors, numbers, strings, lists and dicts "
+                              f"(not written by mytune, or damaged); mytune never runs code from a checkpoint, so it "
+                              f"cannot resume from this one; {_DAMAGED_STATE_ADVICE}") from None
+        raise MytuneError(f"{path}: not a torch checkpoint file: it is damaged; {_DAMAGED_STATE_ADVICE}") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # torch.load's errors for cut or scrambled files vary (EOFError, OSError, RuntimeError)
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise MytuneError(f"{path}: cannot be read ({detail}): the file is incomplete or damaged (an interrupted "
+                          f"copy?); {_DAMAGED_STATE_ADVICE}") from None
+    if not isinstance(state, dict):
+        raise MytuneError(f"{path}: holds a {type(state).__name__}, not a recipe state: the file is damaged; "
+                          f"{_DAMAGED_STATE_ADVICE}")
     return state
 
 
@@ -253,15 +300,20 @@ def resolve_resume_dir(resume_from_checkpoint: str, output_dir: str | Path, *,
     return path
 
 
-def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(output_dir: str | Path, keep_last: int, *, protect: str | Path | None = None) -> list[Path]:
     """Delete all but the newest `keep_last` `step_<N>` directories; returns the deleted paths, oldest first.
 
-    Call on rank 0 after a save. Each directory is first renamed to a `.old-` name and then removed, so a crash
-    mid-delete never leaves a partial `step_<N>` that `latest_checkpoint` would pick.
+    Call on rank 0 after a save, with `protect` the directory just saved: it is never deleted, whatever the step
+    numbers of other directories there. Each directory is first renamed to a `.old-` name and then removed, so a
+    crash mid-delete never leaves a partial `step_<N>` that `latest_checkpoint` would pick.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     checkpoints = step_checkpoints(output_dir)
+    if protect is not None:
+        protect = Path(protect).resolve()
+        saved = [c for c in checkpoints if c[1].resolve() == protect]
+        checkpoints = [c for c in checkpoints if c[1].resolve() != protect] + saved  # counted as the newest
     deleted = []
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         doomed = path.parent / f".old-{path.name}-{os.getpid()}"
@@ -269,6 +321,57 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(doomed)
         deleted.append(path)
     return deleted
+
+
+# The params a checkpoint records (in recipe_state.pt's `extra["params"]`), so a resume can tell what changed.
+RESUMED_PARAMS = ("optimizer", "lr", "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm", "epochs",
+                  "max_steps_per_epoch", "batch_size", "gradient_accumulation_steps")
+
+
+def params_record(params: Any, *, total_steps: int) -> dict:
+    """The values of `RESUMED_PARAMS` (and the run's `total_steps`) to save with a checkpoint."""
+    record = {name: getattr(params, name) for name in RESUMED_PARAMS if hasattr(params, name)}
+    return {**record, "total_steps": int(total_steps)}
+
+
+def apply_resume_precedence(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+                            *, saved: dict | None, current: dict, checkpoint_dir: str | Path,
+                            global_step: int) -> list[str]:
+    """After `load_recipe_state`: the values given now (config, command line) beat the checkpoint's.
+
+    The optimizer state comes back, but its `lr` and `weight_decay` and the schedule's base lr are set from
+    `current` (a `params_record`), and the lr of the next step is recomputed from the schedule built from the current
+    params (warmup, decay, total steps), so e.g. resuming the last good checkpoint with a lower lr after a nan loss
+    trains with the lower lr. Unchanged values give bitwise the same lr as the interrupted run. Returns the changes
+    ("lr 0.001 -> 0.0001"; empty for a checkpoint saved without `saved`). One MytuneError line for an optimizer
+    other than the checkpoint's (its state cannot carry over) and for fewer total steps than the checkpoint did.
+    """
+    saved_optimizer = (saved or {}).get("optimizer")
+    if saved_optimizer is None:  # saved before params were recorded: SGD or the AdamW family, told by its groups
+        saved_optimizer = "sgd" if "momentum" in optimizer.param_groups[0] else "adamw"
+        changed_optimizer = (saved_optimizer == "sgd") != (current["optimizer"] == "sgd")
+    else:
+        changed_optimizer = saved_optimizer != current["optimizer"]
+    if changed_optimizer:
+        raise MytuneError(f"{checkpoint_dir} was saved with optimizer={saved_optimizer}; its state cannot continue "
+                          f"with optimizer={current['optimizer']}: resume with optimizer={saved_optimizer}, or start a "
+                          f"fresh run from its weights")
+    if global_step > current["total_steps"]:
+        raise MytuneError(f"{checkpoint_dir} is at step {global_step}, past this run's last step "
+                          f"({current['total_steps']} = epochs x steps per epoch): nothing to train; raise epochs or "
+                          f"max_steps_per_epoch, or resume another checkpoint")
+    lr, weight_decay = float(current["lr"]), float(current["weight_decay"])
+    # Of the checkpoint's type: torchao's low-bit AdamW keeps lr (so the schedule's base lr) as a float32 tensor.
+    lr_scheduler.base_lrs = [torch.tensor(lr, dtype=base.dtype) if isinstance(base, torch.Tensor) else lr
+                             for base in lr_scheduler.base_lrs]
+    for group, base in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+        group["initial_lr"], group["weight_decay"] = base, weight_decay
+    # The lr of the next step, by the schedule's own formula, as its step after the checkpoint's step computed it.
+    lr_scheduler.last_epoch -= 1
+    lr_scheduler._step_count -= 1
+    lr_scheduler.step()
+    return [f"{name} {saved[name]} -> {value}" for name, value in current.items()
+            if saved is not None and name in saved and saved[name] != value]
 
 
 def _rank() -> int:

@@ -69,7 +69,8 @@ class FullFinetuneDistributedParams:
     # Checkpoints and resuming: output_dir/step_<N>/ holds the HF files plus recipe_state.pt
     save_every_n_steps: int = 0  # optimizer steps between checkpoints (0: only after the last step)
     keep_last_n_checkpoints: int | None = None  # delete older step_<N> directories after each save (null: keep all)
-    resume_from_checkpoint: str = ""  # "" = a fresh run; latest = the newest complete step_<N> of output_dir (fresh if none); or a step_<N> path
+    resume_from_checkpoint: str = ""  # "" = a fresh run; latest = the newest complete step_<N> of output_dir (fresh if none); or a step_<N> path; values set now beat the checkpoint's
+    overwrite_output_dir: bool = False  # delete output_dir's step_<N> past this run's start (a fresh run refuses an output_dir holding any)
 
     # Precision, device, reproducibility, logging
     dtype: Literal["bf16", "fp32"] = "bf16"  # compute dtype; parameters (saved as such), gradients and AdamW state stay fp32 (sharded)
