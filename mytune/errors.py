@@ -15,7 +15,7 @@ class ConfigError(MytuneError):
 
 
 def run_or_exit(main, prog: str = "mytune") -> None:
-    """Run a recipe's `main()`; a `MytuneError` becomes one line on stderr and exit code 2.
+    """Run a recipe's `main()`; a `MytuneError` becomes one line on stderr and exit code 2, Ctrl-C one line and 130.
 
     Recipes call this from their `if __name__ == "__main__":` guard, so a user error reads the same whether the
     recipe was started by `mytune`, by `python recipe.py` or by torchrun. Bugs keep their traceback.
@@ -27,3 +27,6 @@ def run_or_exit(main, prog: str = "mytune") -> None:
     except MytuneError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves at the end of the step), or before training
+        print(f"{prog}: stopped by Ctrl-C (nothing was saved since the last checkpoint)", file=sys.stderr)
+        sys.exit(130)
