@@ -15,10 +15,10 @@ import mytune
 
 from mytune.checkpoint import load_hf_model, save_hf_checkpoint
 from mytune.checkpoint.peft import load_peft_adapter, save_peft_adapter
-from mytune.errors import MytuneError
 from mytune.models import ModelArgs, TransformerDecoder
 from mytune.modules.lora import apply_lora
 from mytune.training.recipe_state import RECIPE_STATE_FILE, load_recipe_state, save_recipe_state
+from tests.support import one_line_error
 
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=32)
@@ -42,14 +42,6 @@ def copy(saved, tmp_path):
     shutil.copytree(saved, destination)
     return destination
 
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(MytuneError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    print(message)
-    assert "\n" not in message
-    return message
 
 
 def _truncate(path, keep):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from mytune.config import TuneArgumentParser
 from mytune.config.configs import recipes_dir
 from mytune.config.load import load_params
 from mytune.errors import ConfigError

@@ -8,34 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from mytune.config import TuneArgumentParser
 from mytune.errors import MytuneError
 from mytune.training.metrics import read_metrics
 from recipes import full_finetune_single_device as recipe
-from recipes.params.full_finetune_single_device import FullFinetuneParams
-
-TINY = ["max_seq_len=64", "epochs=1", "dtype=fp32", "log_every_n_steps=1", "val_fraction=0", "eval_every_n_steps=0",
-        "keep_last_n_checkpoints=null", "lr_scheduler=constant", "warmup_steps=0"]
-
-
-def params(output_dir: Path, cache: Path, *overrides: str) -> FullFinetuneParams:
-    parser = TuneArgumentParser(FullFinetuneParams, recipe="full_finetune_single_device")
-    return parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={output_dir}",
-                                f"dataset_cache_dir={cache}", *TINY, *overrides])
-
+from tests.support import tiny_full_params
 
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """A 2-step run with lr=1e-3 (AdamW, constant schedule), saved at step_2."""
     root = tmp_path_factory.mktemp("two_steps")
-    recipe.recipe_main(params(root / "out", root / "cache", "max_steps_per_epoch=2", "lr=1e-3"))
+    recipe.recipe_main(tiny_full_params(root / "out", root / "cache", "max_steps_per_epoch=2", "lr=1e-3"))
     return root
 
 
 def resume(two_steps: Path, tmp_path: Path, *overrides: str) -> Path:
     out = tmp_path / "out"
     shutil.copytree(two_steps / "out", out)
-    recipe.recipe_main(params(out, two_steps / "cache", "resume_from_checkpoint=latest", *overrides))
+    recipe.recipe_main(tiny_full_params(out, two_steps / "cache", "resume_from_checkpoint=latest", *overrides))
     return out
 
 
@@ -81,9 +70,9 @@ def test_the_nan_advice_works_resuming_the_last_good_checkpoint_with_a_lower_lr(
     shutil.copytree(two_steps / "out", out)
     run = ("max_steps_per_epoch=5", "max_grad_norm=null", f"resume_from_checkpoint={out / 'step_2'}")
     with pytest.raises(MytuneError, match=r"training diverged; lower lr \(now 1e\+30\)") as err:
-        recipe.recipe_main(params(out, two_steps / "cache", *run, "lr=1e30"))
+        recipe.recipe_main(tiny_full_params(out, two_steps / "cache", *run, "lr=1e30"))
     assert str(err.value).split("the last good checkpoint is ")[1].split()[0] == str(out / "step_2")
-    recipe.recipe_main(params(out, two_steps / "cache", *run, "lr=1e-4"))
+    recipe.recipe_main(tiny_full_params(out, two_steps / "cache", *run, "lr=1e-4"))
     rows = read_metrics(out / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert all(row["lr"] == 1e-4 and torch.tensor(row["loss"]).isfinite() for row in rows[2:])

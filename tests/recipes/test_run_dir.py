@@ -8,29 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from mytune.config import TuneArgumentParser
 from mytune.errors import MytuneError
 from mytune.training.metrics import read_metrics
 from mytune.training.recipe_state import latest_checkpoint
 from mytune.training.run_dir import lock_output_dir
 from recipes import full_finetune_single_device as recipe
-from recipes.params.full_finetune_single_device import FullFinetuneParams
-
-TINY = ["max_seq_len=64", "epochs=1", "dtype=fp32", "log_every_n_steps=1", "val_fraction=0", "eval_every_n_steps=0",
-        "keep_last_n_checkpoints=null", "lr_scheduler=constant", "warmup_steps=0"]
-
-
-def params(output_dir: Path, cache: Path, *overrides: str) -> FullFinetuneParams:
-    parser = TuneArgumentParser(FullFinetuneParams, recipe="full_finetune_single_device")
-    return parser.parse_params(["--config", "tiny_demo", "--override", f"output_dir={output_dir}",
-                                f"dataset_cache_dir={cache}", *TINY, *overrides])
-
+from tests.support import tiny_full_params
 
 @pytest.fixture(scope="module")
 def earlier_run(tmp_path_factory):
     """A finished 4-step run saving every 2 steps: step_2, step_4 and four metrics rows."""
     root = tmp_path_factory.mktemp("earlier")
-    recipe.recipe_main(params(root / "out", root / "cache", "max_steps_per_epoch=4", "save_every_n_steps=2"))
+    recipe.recipe_main(tiny_full_params(root / "out", root / "cache", "max_steps_per_epoch=4", "save_every_n_steps=2"))
     return root
 
 
@@ -46,10 +35,10 @@ def test_a_fresh_run_refuses_another_runs_checkpoints_and_overwrite_replaces_the
     shorter = ("max_steps_per_epoch=2", "keep_last_n_checkpoints=1", "lr=1e-4")
     with pytest.raises(MytuneError, match=r"already holds checkpoints of another run \(step_2, step_4\): continue it "
                                           r"with resume_from_checkpoint=latest, start over with overwrite_output_dir"):
-        recipe.recipe_main(params(out, cache, *shorter))
+        recipe.recipe_main(tiny_full_params(out, cache, *shorter))
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2", "step_4"]  # untouched
 
-    saved = recipe.recipe_main(params(out, cache, *shorter, "overwrite_output_dir=true"))
+    saved = recipe.recipe_main(tiny_full_params(out, cache, *shorter, "overwrite_output_dir=true"))
     assert saved == out / "step_2" and latest_checkpoint(out) == saved
     assert [p.name for p in out.glob("step_*")] == ["step_2"]
     assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == [1, 2]  # this run's rows only
@@ -60,7 +49,7 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_naming_the_holder(earl
     lock = lock_output_dir(tmp_path / "out")  # another run holds it (an flock: any other open of the file conflicts)
     try:
         with pytest.raises(MytuneError, match=rf"output_dir .* is in use by another run \(pid {os.getpid()} on "):
-            recipe.recipe_main(params(tmp_path / "out", earlier_run / "cache", "max_steps_per_epoch=2"))
+            recipe.recipe_main(tiny_full_params(tmp_path / "out", earlier_run / "cache", "max_steps_per_epoch=2"))
         assert [p.name for p in (tmp_path / "out").iterdir()] == [".mytune.lock"]  # the refused run wrote nothing
     finally:
         lock.release()
@@ -71,7 +60,7 @@ def test_a_resume_removes_a_killed_saves_leftovers_and_logs_each_step_once(earli
     out = copy_of(earlier_run, tmp_path)
     os.replace(out / "step_4", out / ".tmp-step_4-99999999")
     (out / "step_2" / ".recipe_state.pt.tmp-99999999").write_bytes(b"torn")
-    recipe.recipe_main(params(out, earlier_run / "cache", "max_steps_per_epoch=4", "save_every_n_steps=2",
+    recipe.recipe_main(tiny_full_params(out, earlier_run / "cache", "max_steps_per_epoch=4", "save_every_n_steps=2",
                               "resume_from_checkpoint=latest"))
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "step_2", "step_4"]
     assert not (out / "step_2" / ".recipe_state.pt.tmp-99999999").exists()

@@ -17,10 +17,10 @@ import mytune.checkpoint.atomic as atomic_module
 import mytune.checkpoint.hf as hf_module
 import mytune.training.recipe_state as recipe_state_module
 from mytune.checkpoint import save_hf_checkpoint, save_peft_adapter
-from mytune.errors import MytuneError
 from mytune.models import ModelArgs, TransformerDecoder
 from mytune.modules.lora import apply_lora
 from mytune.training.recipe_state import RECIPE_STATE_FILE, latest_checkpoint, save_recipe_state
+from tests.support import one_line_error
 
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             max_position_embeddings=32)
@@ -50,14 +50,6 @@ def snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def one_line(fn, *args, **kwargs) -> str:
-    with pytest.raises(MytuneError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    print(message)
-    assert "\n" not in message
-    return message
-
 
 def assert_intact(output_dir, before):
     assert snapshot(output_dir / "step_1") == before
@@ -80,7 +72,7 @@ def disk_full_safetensors(monkeypatch):
 def test_disk_full_while_writing_the_weights(run, model, monkeypatch, step):
     output_dir, _, before = run
     disk_full_safetensors(monkeypatch)
-    message = one_line(save_hf_checkpoint, model, output_dir / step, dtype=torch.float32)
+    message = one_line_error(save_hf_checkpoint, model, output_dir / step, dtype=torch.float32)
     assert f"cannot write {output_dir / step}" in message and "no space left on the device" in message
     assert ("previous one is kept" in message) == (step == "step_1")
     assert_intact(output_dir, before)
@@ -100,7 +92,7 @@ def test_disk_full_while_writing_the_recipe_state(run, model, monkeypatch):
     monkeypatch.setattr(recipe_state_module.torch, "save", save)
     monkeypatch.setattr(atomic_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
     for step_dir in (output_dir / "step_1", output_dir / "step_2"):
-        message = one_line(save_recipe_state, step_dir, optimizer=optimizer, lr_scheduler=None, dataloader_state=None,
+        message = one_line_error(save_recipe_state, step_dir, optimizer=optimizer, lr_scheduler=None, dataloader_state=None,
                            global_step=2, epoch=0)
         assert str(step_dir / RECIPE_STATE_FILE) in message and "no space left on the device" in message
     assert not (output_dir / "step_2" / RECIPE_STATE_FILE).exists()
@@ -118,7 +110,7 @@ def test_a_failed_rename_puts_the_previous_directory_back(run, model, monkeypatc
         real_replace(src, dst)
 
     monkeypatch.setattr(atomic_module.os, "replace", replace)
-    message = one_line(save_hf_checkpoint, model, output_dir / "step_1", dtype=torch.float32)
+    message = one_line_error(save_hf_checkpoint, model, output_dir / "step_1", dtype=torch.float32)
     assert "previous one is kept" in message
     assert_intact(output_dir, before)
 
@@ -133,9 +125,9 @@ def test_unwritable_output_dir(run, model, monkeypatch, code, words):
         raise OSError(code, os.strerror(code), str(self))
 
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
-    message = one_line(save_hf_checkpoint, model, output_dir / "step_2", dtype=torch.float32)
+    message = one_line_error(save_hf_checkpoint, model, output_dir / "step_2", dtype=torch.float32)
     assert words in message and str(output_dir / "step_2") in message
-    message = one_line(save_recipe_state, output_dir / "step_2", optimizer=optimizer, lr_scheduler=None,
+    message = one_line_error(save_recipe_state, output_dir / "step_2", optimizer=optimizer, lr_scheduler=None,
                        dataloader_state=None, global_step=2, epoch=0)
     assert words in message
     assert_intact(output_dir, before)
@@ -146,9 +138,9 @@ def test_output_dir_that_is_a_file_or_under_a_file(tmp_path, model):
     a_file.write_text("x")
     optimizer = torch.optim.AdamW(model.parameters())
     for step_dir in (a_file / "step_1", a_file / "run" / "step_1"):
-        message = one_line(save_hf_checkpoint, model, step_dir, dtype=torch.float32)
+        message = one_line_error(save_hf_checkpoint, model, step_dir, dtype=torch.float32)
         assert f"{a_file} is a file, not a directory" in message
-        message = one_line(save_recipe_state, step_dir, optimizer=optimizer, lr_scheduler=None,
+        message = one_line_error(save_recipe_state, step_dir, optimizer=optimizer, lr_scheduler=None,
                            dataloader_state=None, global_step=1, epoch=0)
         assert f"{a_file} is a file, not a directory" in message
     assert a_file.read_text() == "x"
@@ -165,6 +157,6 @@ def test_disk_full_while_writing_an_adapter(tmp_path, model, monkeypatch):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(peft_module, "save_file", save_file)
-    message = one_line(save_peft_adapter, model, adapter)
+    message = one_line_error(save_peft_adapter, model, adapter)
     assert "no space left" in message and "previous one is kept" in message
     assert snapshot(adapter) == before
