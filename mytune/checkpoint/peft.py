@@ -19,7 +19,8 @@ from mytune.checkpoint.atomic import atomic_directory
 from mytune.checkpoint.hf import damaged_weights_error, hf_to_mytune_key, mytune_to_hf_key, read_json_file
 from mytune.errors import MytuneError
 from mytune.models.transformer import TransformerDecoder
-from mytune.modules.lora import LORA_TARGETS, apply_lora, lora_layers, lora_state_dict, resolve_lora_targets
+from mytune.config.names import LORA_TARGETS, resolve_lora_targets
+from mytune.modules.lora import apply_lora, lora_layers, lora_state_dict
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

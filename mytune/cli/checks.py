@@ -122,10 +122,28 @@ def _best_fitting_recipe(config_path: Path, keys: list[str], exclude: Path | Non
             continue
         configs_dir = configs.recipe_configs_dir(name)
         is_copy = configs_dir is not None and configs_dir.is_dir() and any(
-            shipped.read_bytes() == text for shipped in configs_dir.glob("*.y*ml")
+            shipped.read_bytes() == text for shipped in configs_dir.rglob("*.y*ml")
         )
         ranked.append((not is_copy, len(fields) - len(keys), name))
     return min(ranked)[2] if ranked else None
+
+
+def check_launcher_flags(recipe, shown_name: str, recipe_args: list[str], before: list[str] = ()) -> None:
+    """Raise MytuneError when torchrun flags follow a recipe that parses its args with a params class: "put
+    launcher flags before the recipe: mytune --nproc_per_node 2 <recipe> ...". A script without params may take
+    any flag of its own, so it is left alone."""
+    from mytune.cli import recipes
+    from mytune.config.hints import misplaced_launcher_flags
+
+    hint = misplaced_launcher_flags(shown_name, recipe_args, before)
+    path = recipes.recipe_file(recipe)
+    if hint is None or path is None:
+        return
+    try:
+        recipes.load_params_class(path)
+    except Exception:  # no params class: the recipe reads its own arguments
+        return
+    raise MytuneError(hint)
 
 
 def precheck(recipe, recipe_args: list[str], *, validate: bool) -> None:

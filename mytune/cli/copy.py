@@ -2,7 +2,8 @@
 
 A copied recipe `dest/my_ft.py` gets its params next to it as `my_ft_params.py`, and its import line
 `from recipes.params.<recipe> import` is rewritten to `from my_ft_params import`, so the copy runs standalone
-(`mytune dest/my_ft.py --config ...` or `python dest/my_ft.py ...`).
+(`mytune dest/my_ft.py --config ...` or `python dest/my_ft.py ...`). Its first line names the source recipe
+(`# mytune: copied from <recipe>`), so the source's shipped configs still work by name (`--config tiny_demo`).
 """
 
 import os
@@ -28,18 +29,25 @@ def copy_recipe(recipe: str, recipe_file: Path, params_file: Path, dest: str | P
     if old_import not in text:
         raise MytuneError(f"{recipe_file} does not contain `{old_import}`: cannot make a standalone copy")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text.replace(old_import, f"from {target.stem}_params import"))
+    target.write_text(_with_copy_marker(text.replace(old_import, f"from {target.stem}_params import"), recipe))
     shutil.copymode(recipe_file, target)
     shutil.copyfile(params_file, params_target)
     return [target, params_target]
 
 
+def _with_copy_marker(text: str, recipe: str) -> str:
+    """`text` with the line naming its source recipe on top (after a `#!` line), so the copy keeps the source's
+    shipped configs by name (`mytune ./my_ft.py --config tiny_demo`; see `configs.copied_from`)."""
+    marker = configs.copy_marker(recipe)
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith(configs.COPY_MARKER)]
+    at = 1 if lines and lines[0].startswith("#!") else 0
+    return "".join([*lines[:at], marker, *lines[at:]])
+
+
 def copy_config(recipe: str, config: str, dest: str | Path, *, force: bool = False) -> Path:
-    """Copy `recipes/configs/<recipe>/<config>.yaml` to `dest` (a file, or a directory -> dest/<config>.yaml)."""
-    configs_dir = configs.recipe_configs_dir(recipe)
-    source = next(
-        (p for p in (configs_dir / f"{config}.yaml", configs_dir / f"{config}.yml") if p.is_file()), None
-    ) if configs_dir is not None else None
+    """Copy `recipes/configs/<recipe>/<config>.yaml` (nested names like `experiments/long` too) to `dest` (a file,
+    or a directory -> dest/<file name>)."""
+    source = configs.shipped_config(recipe, config)
     if source is None:
         from mytune.cli.recipes import did_you_mean
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from mytune.cli import recipes
-from mytune.cli.checks import precheck
+from mytune.cli.checks import check_launcher_flags, precheck
 from mytune.errors import MytuneError
 
 USAGE_HINT = "(usage: mytune [torchrun flags] <recipe> [recipe args...])"
@@ -37,6 +37,8 @@ def launch(argv: list[str]) -> int:
     if args.module or args.no_python:
         raise MytuneError("mytune runs a recipe by name, .py path or module path: drop --module/--no-python")
     recipe = recipes.resolve_recipe(args.training_script)
+    after = list(args.training_script_args)
+    check_launcher_flags(recipe, args.training_script, after, before=argv[:len(argv) - len(after) - 1])
     check_process_count(recipe.stem, args.nproc_per_node, args.nnodes)
     precheck(recipe, list(args.training_script_args), validate=True)
     use_free_port_on_one_node(args)

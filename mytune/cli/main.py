@@ -6,6 +6,7 @@
     mytune <recipe> --config NAME [--override key=value ...]
     mytune [torchrun flags] <recipe> ...
     mytune slurm [sbatch options] <recipe> ...
+    mytune download <owner/name> [--output-dir DIR] [--hf-token T] [--include/--exclude PATTERNS]
 
 <recipe> is a shipped name, a path to a .py file, or a module path `pkg.module[:function]` (in that order);
 docs/launching.md describes every form.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from mytune.cli import recipes
-from mytune.cli.checks import precheck
+from mytune.cli.checks import check_launcher_flags, precheck
 from mytune.config import configs
 from mytune.errors import MytuneError
 
@@ -35,6 +36,9 @@ commands:
   mytune <recipe> --config NAME|PATH [--override key=value ...]
                                              run a recipe: a shipped name, a path to a .py file,
                                              or a module path pkg.module[:function]
+  mytune download <owner/name> [--output-dir DIR] [--hf-token T] [--include PATTERNS] [--exclude PATTERNS]
+                                             fetch a model's safetensors, configs and tokenizer from the
+                                             Hugging Face hub into ./models/<name> (or DIR) for checkpoint_dir
   mytune <recipe> --help                     the recipe's params, their defaults and docs, and its configs
   mytune --version                           print the mytune version
   mytune [torchrun flags] <recipe> [args...]
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             return cp(rest)
         if command == "validate":
             return validate(rest)
+        if command == "download":
+            from mytune.cli.download import main as download
+
+            return download(rest)
         if command == "slurm":
             from mytune.cli.slurm import slurm
 
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             from mytune.cli.launch import launch
 
             return launch(argv)
-        return run_recipe(recipes.resolve_recipe(command), rest)
+        return run_recipe(recipes.resolve_recipe(command), rest, shown_name=command)
     except MytuneError as err:
         print(f"mytune: error: {err}", file=sys.stderr)
         return 2
@@ -149,7 +157,23 @@ def validate(argv: list[str]) -> int:
     return 0
 
 
-def run_recipe(recipe: Path | recipes.ModuleRecipe, args: list[str]) -> int:
+def recipe_help(recipe: Path | recipes.ModuleRecipe, shown_name: str) -> bool:
+    """Print `mytune <recipe> --help` from the recipe's params class alone, without importing the recipe (which
+    imports torch): the same text the recipe's own parser prints. False when the recipe has no params class."""
+    from mytune.config import TuneArgumentParser
+
+    path = recipes.recipe_file(recipe)
+    if path is None:
+        return False
+    try:
+        params_cls = recipes.load_params_class(path)
+    except Exception:  # no params file, or one the recipe loads its own way: let the recipe answer
+        return False
+    TuneArgumentParser(params_cls, recipe=path, prog=f"mytune {shown_name}").print_help()
+    return True
+
+
+def run_recipe(recipe: Path | recipes.ModuleRecipe, args: list[str], shown_name: str | None = None) -> int:
     """Run a recipe in this process; returns its exit code.
 
     A file runs as `__main__` with `sys.argv = [path, *args]` and its directory first on `sys.path`, as
@@ -157,7 +181,11 @@ def run_recipe(recipe: Path | recipes.ModuleRecipe, args: list[str]) -> int:
     `python -m pkg.mod` would; `pkg.mod:fn` calls `fn(args)` (see `mytune.cli.entry`). Both see the current
     directory first on `sys.path`.
     """
+    shown_name = shown_name or recipe.stem
+    check_launcher_flags(recipe, shown_name, args)
     precheck(recipe, args, validate=False)
+    if ("-h" in args or "--help" in args) and recipe_help(recipe, shown_name):
+        return 0
     if isinstance(recipe, recipes.ModuleRecipe) and recipe.function is not None:
         from mytune.cli.entry import call_recipe_function
 

@@ -7,7 +7,6 @@ path of a file shipped in `mytune/assets`, from any working directory and from a
 """
 
 import dataclasses
-import difflib
 import enum
 import typing
 from pathlib import Path
@@ -66,8 +65,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_params(params_cls: type, *, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
     """An instance of `params_cls` from its defaults < the YAML `config` < `overrides` ("key=value" strings).
 
-    Unknown keys, values of the wrong type, unresolvable interpolations and the `ConfigError`s raised by the
-    dataclass's `__post_init__` all raise `ConfigError` with a one-line message.
+    A dotted override sets one entry of a dict or list field, as OmegaConf dotlists do: `column_map.output=answer`,
+    `metric_loggers.0=stdout` (merged into the YAML's or the default value). Unknown keys, values of the wrong type,
+    unresolvable interpolations and the `ConfigError`s raised by the dataclass's `__post_init__` all raise
+    `ConfigError` with a one-line message.
     """
     fields = {f.name: f for f in dataclasses.fields(params_cls) if f.init}
     hints = typing.get_type_hints(params_cls)
@@ -78,9 +79,14 @@ def load_params(params_cls: type, *, config: str | Path | None = None, overrides
     sources.update({key: str(config) for key in yaml_values})
     override_values = parse_overrides(overrides)
     _check_known_keys(override_values, fields, source=COMMAND_LINE)
-    sources.update({key: COMMAND_LINE for key in override_values})
+    sources.update({key.partition(".")[0]: COMMAND_LINE for key in override_values})
 
-    merged = {**_interpolation_defaults(fields), **yaml_values, **override_values}
+    merged = {**_interpolation_defaults(fields), **yaml_values}
+    for key, value in override_values.items():
+        if "." in key:
+            _set_dotted(merged, key, value, hint=hints.get(key.partition(".")[0], Any))
+        else:
+            merged[key] = value
     resolved = _resolve(merged, keys=list(sources), sources=sources)
 
     values = {name: convert_value(resolved[name], hints.get(name, Any), field=name, source=sources[name]) for name in sources}
@@ -90,14 +96,72 @@ def load_params(params_cls: type, *, config: str | Path | None = None, overrides
     return params_cls(**values)
 
 
+def _set_dotted(merged: dict[str, Any], key: str, value: str, *, hint: Any) -> None:
+    """Set `merged[a][b]...[z] = value` for `key` "a.b...z": a dict gains missing keys, a list index must exist."""
+    top, *path = key.split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"override key `{key}` has an empty part: write e.g. column_map.output=answer")
+    container = merged.get(top)
+    if isinstance(container, str) and "${" not in container:  # set whole on the command line before: parse it
+        container = convert_value(container, hint, field=top, source=COMMAND_LINE)
+        container = _plain(container)
+    if container is None and _admits_dict(hint):
+        container = {}
+    if not isinstance(container, (dict, list)):
+        raise ConfigError(f"`{key}`: {top} is not a mapping or list, so it has no entry `{'.'.join(path)}`: "
+                          f"set it whole, e.g. --override {top}=...")
+    merged[top] = container = _copy_containers(container)
+    where = top
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(container, dict):
+            if last:
+                container[part] = value
+            else:
+                container = container.setdefault(part, {})
+        elif isinstance(container, list):
+            if not part.isdigit():
+                raise ConfigError(f"`{key}`: {where} is a list, so `{part}` must be an index 0..{len(container) - 1}")
+            index = int(part)
+            if index >= len(container):
+                items = ", ".join(str(item) for item in container) or "none"
+                raise ConfigError(f"`{key}`: index {index} is out of range: {where} has {len(container)} item(s) "
+                                  f"({items}); set the whole list instead, e.g. --override {top}=[a,b]")
+            if last:
+                container[index] = value
+            else:
+                container = container[index]
+        else:
+            raise ConfigError(f"`{key}`: {where} is a {type(container).__name__}, not a mapping or list")
+        where = f"{where}.{part}"
+
+
+def _admits_dict(hint: Any) -> bool:
+    """Whether a field type is a dict (or a union holding one), so a dotted override may start from None."""
+    if typing.get_origin(hint) is dict or hint is dict:
+        return True
+    return any(_admits_dict(arg) for arg in typing.get_args(hint) if arg is not type(None))
+
+
+def _copy_containers(value: Any) -> Any:
+    """A deep copy of nested dicts and lists (a default's or the YAML's value is not changed in place)."""
+    if isinstance(value, dict):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    return value
+
+
 def _check_known_keys(values: dict, fields: dict, *, source: str) -> None:
+    from mytune.config.hints import unknown_key_hint
+
     for key in values:
-        if key in fields:
+        # On the command line `column_map.output` names the field `column_map` (a dotted override).
+        name = str(key).partition(".")[0] if source == COMMAND_LINE else key
+        if name in fields:
             continue
         where = "on the command line" if source == COMMAND_LINE else f"in {source}"
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else " (see --help for the valid keys)"
-        raise ConfigError(f"unknown key `{key}` {where}{hint}")
+        raise ConfigError(f"unknown key `{key}` {where}{unknown_key_hint(str(name), list(fields))}")
 
 
 def _interpolation_defaults(fields: dict) -> dict[str, Any]:

@@ -30,6 +30,10 @@ class TuneArgumentParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
         self.params_cls = params_cls
         self.recipe = Path(str(recipe)).stem  # a recipe file or a recipe name: its configs are configs/<stem>/
+        # A `mytune cp` copy (`my_ft.py`) keeps its source's shipped configs, named by its marker line.
+        source = configs.copied_from(recipe) if str(recipe).endswith(".py") else None
+        if source and not configs.config_names(self.recipe):
+            self.recipe = source
         self.add_argument(
             "--config",
             metavar="NAME|PATH",
@@ -56,13 +60,15 @@ class TuneArgumentParser(argparse.ArgumentParser):
             self.error(str(err))
 
     def resolve_config(self, name_or_path: str) -> Path:
-        """A shipped config name of this recipe (`configs/<recipe>/<name>.yaml`), else an existing file path."""
-        configs_dir = configs.recipe_configs_dir(self.recipe)
-        if configs_dir is not None and "/" not in name_or_path and "\\" not in name_or_path:
-            for candidate in (configs_dir / f"{name_or_path}.yaml", configs_dir / f"{name_or_path}.yml", configs_dir / name_or_path):
-                if candidate.is_file():
-                    return candidate
+        """A shipped config name of this recipe (`configs/<recipe>/<name>.yaml`, nested `experiments/<name>` too),
+        else an existing file path. A name with a slash that is also a file here is that file."""
+        looks_like_path = "/" in name_or_path or "\\" in name_or_path
         path = Path(name_or_path)
+        if looks_like_path and path.is_file():
+            return path
+        shipped = configs.shipped_config(self.recipe, name_or_path)
+        if shipped is not None:
+            return shipped
         if path.is_file():
             return path
         available = configs.config_names(self.recipe)
@@ -78,7 +84,11 @@ class TuneArgumentParser(argparse.ArgumentParser):
         """One line on stderr, exit code 2 (argparse's own errors included; no usage dump)."""
         message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
         if message.startswith("unrecognized arguments"):
-            message += " (set params with --override key=value)"
+            from mytune.config.hints import misplaced_launcher_flags
+
+            extra = message.partition(":")[2].split()
+            hint = misplaced_launcher_flags(self.recipe, extra)
+            message += f" ({hint} ...)" if hint else " (set params with --override key=value)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def format_help(self) -> str:

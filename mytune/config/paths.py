@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 from mytune.config.docs import field_docs
@@ -21,7 +22,8 @@ def find_missing_paths(params: object) -> list[str]:
     """One message per field in `type(params).INPUT_PATHS` that is set (non-empty) but names no existing path.
 
     The message names the field, the value and what the field expects (its doc comment), e.g.
-    "checkpoint_dir: /x/y does not exist (set checkpoint_dir=... to a Hugging Face model directory ...)".
+    "checkpoint_dir: /x/y does not exist (set checkpoint_dir=... to a Hugging Face model directory ...)", ending
+    with the `mytune download <hub_repo> --output-dir /x/y` command when the params name their hub repo.
     Fields in `HUB_DATASET_FIELDS` may instead name a hub dataset (`owner/name`), which is not a missing path.
     """
     params_cls = type(params)
@@ -37,8 +39,16 @@ def find_missing_paths(params: object) -> list[str]:
         if docs is None:
             docs = field_docs(params_cls)
         expected = docs.get(name, "an existing file or directory")
-        missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})")
+        missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})" + _download_hint(params, name))
     return missing
+
+
+def _download_hint(params: object, name: str) -> str:
+    """For a missing checkpoint_dir of a config that names its hub repo (`hub_repo`): the command that fetches it."""
+    repo = getattr(params, "hub_repo", "")
+    if name != "checkpoint_dir" or not repo:
+        return ""
+    return f"; to download it: mytune download {repo} --output-dir {shlex.quote(str(getattr(params, name)))}"
 
 
 def require_input_paths(params: object) -> None:

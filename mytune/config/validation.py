@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mytune.errors import ConfigError, MytuneError
+from mytune.errors import ConfigError
 
 DATASET_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "text")  # keys of column_map
 CHAT_TEMPLATES = ("alpaca", "llama2", "llama3", "chatml", "tokenizer")
@@ -89,8 +89,11 @@ def check_training_fields(p: Any) -> None:
     if p.attention_backend == "flex" and p.device == "cpu":
         raise ConfigError("attention_backend=flex needs a CUDA GPU (flex_attention has no CPU backward in torch 2.13); "
                           "use attention_backend=auto or sdpa on the CPU")
-    from mytune.training.metrics import check_metric_loggers  # torch-free modules' checks, imported when used
-    from mytune.training.optim import check_optimizer
+    if getattr(p, "activation_offloading", False) and p.device == "cpu":
+        raise ConfigError("activation_offloading=true needs a GPU (it moves saved activations from GPU to CPU memory); "
+                          "device=cpu keeps them there already: set activation_offloading=false")
+    from mytune.config.names import check_optimizer  # torch-free name tables: validate and --help skip torch
+    from mytune.training.metrics import check_metric_loggers
 
     check_optimizer(p.optimizer)
     check_metric_loggers(p.metric_loggers)
@@ -104,12 +107,9 @@ def check_lora_fields(p: Any) -> None:
         raise ConfigError(f"lora_alpha must be > 0, got {p.lora_alpha}")
     if not 0 <= p.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {p.lora_dropout}")
-    from mytune.modules.lora import resolve_lora_targets  # local: parsing other recipes' params stays light
+    from mytune.config.names import resolve_lora_targets  # torch-free twin of mytune.modules.lora's
 
-    try:
-        resolve_lora_targets(p.lora_target_modules)
-    except MytuneError as err:
-        raise ConfigError(str(err)) from None
+    resolve_lora_targets(p.lora_target_modules)
 
 
 def check_distributed_device(p: Any) -> None:

@@ -22,7 +22,6 @@ Speed and memory (the same numbers, fewer passes over memory):
 """
 
 import copy
-import difflib
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -33,46 +32,16 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from mytune.config.names import resolve_lora_targets  # torch-free: the params checks use it too
 from mytune.errors import MytuneError
 from mytune.torchao_import import quiet_torchao_import
 
-# Hugging Face module names LoRA can target, in model order.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-# Other spellings users bring along (Megatron-core names, torchtune's `output`) -> the HF modules they mean.
-LORA_TARGET_ALIASES: dict[str, tuple[str, ...]] = {
-    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
-    "linear_proj": ("o_proj",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
-    "output": ("lm_head",),
-}
 # The adapter's own state-dict entries inside a LoRALinear (PEFT names them the same).
 LORA_PARAM_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
 # NF4 (QLoRA paper): 64 weights share one scale; 256 scales share one double-quantization factor.
 NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256
-
-
-def resolve_lora_targets(names: Sequence[str]) -> list[str]:
-    """Target names (HF names or aliases) -> the HF module names they mean, in model order, without repeats.
-
-    An unknown name raises MytuneError naming the closest known ones.
-    """
-    known = [*LORA_TARGETS, *LORA_TARGET_ALIASES]
-    wanted: set[str] = set()
-    for name in names:
-        if name in LORA_TARGETS:
-            wanted.add(name)
-        elif name in LORA_TARGET_ALIASES:
-            wanted.update(LORA_TARGET_ALIASES[name])
-        else:
-            close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise MytuneError(f"lora_target_modules: unknown module name {name!r}; {hint}known: {', '.join(known)}")
-    if not wanted:
-        raise MytuneError(f"lora_target_modules is empty: name at least one of {', '.join(known)}")
-    return [name for name in LORA_TARGETS if name in wanted]
 
 
 class LoRALinear(nn.Module):

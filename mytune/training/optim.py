@@ -19,18 +19,12 @@ from typing import Literal
 
 import torch
 
-from mytune.errors import ConfigError, MytuneError
+from mytune.config.names import check_optimizer  # torch-free: the params checks use it too
+from mytune.errors import MytuneError
 from mytune.torchao_import import quiet_torchao_import
 
 OptimizerName = Literal["adamw", "sgd", "adamw8bit", "adamw4bit"]
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adamw8bit", "adamw4bit")
 SGD_MOMENTUM = 0.9
-
-
-def check_optimizer(name: str) -> None:
-    """Raise a ConfigError for an unknown optimizer name (for params validation, before the model is loaded)."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer={name!r} is not known; use one of {', '.join(OPTIMIZERS)}")
 
 
 def build_optimizer(

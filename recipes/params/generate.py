@@ -18,6 +18,7 @@ class GenerateParams:
 
     # Model and tokenizer
     checkpoint_dir: str = ""  # Hugging Face model directory to generate with, or a recipe output_dir (its newest step_N)
+    hub_repo: str = ""  # the Hugging Face hub repo (owner/name) checkpoint_dir holds; `mytune download` fetches it
     tokenizer_path: str = ""  # tokenizer file or directory; empty means the tokenizer files in checkpoint_dir
 
     # Prompt

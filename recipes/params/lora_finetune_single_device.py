@@ -21,6 +21,7 @@ class LoRAFinetuneParams:
 
     # Model and checkpoint
     checkpoint_dir: str = ""  # Hugging Face model directory (config.json + *.safetensors) to fine-tune
+    hub_repo: str = ""  # the Hugging Face hub repo (owner/name) checkpoint_dir holds; `mytune download` fetches it
     model: str = ""  # named model builder (e.g. llama_tiny) for a seeded random start when checkpoint_dir is empty
     tokenizer_path: str = ""  # tokenizer file or directory; empty means the tokenizer files in checkpoint_dir
     output_dir: str = "outputs/lora_finetune_single_device"  # checkpoints and metrics.jsonl are written here

@@ -115,7 +115,7 @@ def test_moved_params_file_is_one_clear_line(fake_recipes, tmp_path, capsys):
     for argv in ([str(dest)], ["validate", str(dest)]):
         assert main(argv) == 2
         assert one_error_line(capsys) == (
-            f"mytune: error: my_ft.py line 7 imports its params from `my_ft_params`, but {dest.parent / 'my_ft_params.py'} "
+            f"mytune: error: my_ft.py line 8 imports its params from `my_ft_params`, but {dest.parent / 'my_ft_params.py'} "
             "does not exist: move the params file back next to the recipe, or fix the import"
         )
 

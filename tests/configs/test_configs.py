@@ -26,13 +26,25 @@ from mytune.models.builders import MODEL_ARGS, model_args
 from mytune.tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
+CONFIGS_ROOT = REPO / "recipes" / "configs"
+CONFIGS = sorted(CONFIGS_ROOT.rglob("*.yaml"))
 DEMO = REPO / "mytune" / "assets" / "demo"
+
+
+def recipe_of(config: Path, root: Path = CONFIGS_ROOT) -> str:
+    """The recipe a config belongs to: the first folder under recipes/configs/, however deep the file is nested
+    (`lora_finetune_single_device/experiments/llama3_2_1b_long.yaml` -> `lora_finetune_single_device`)."""
+    return config.relative_to(root).parts[0]
+
+
+def config_id(config: Path, root: Path = CONFIGS_ROOT) -> str:
+    """`<recipe>/<name>` with the subfolders of a nested config: the name `--config` takes after the recipe."""
+    return config.relative_to(root).with_suffix("").as_posix()
 
 
 def family_model(config: Path) -> str:
     """The tiny builder for a config: the longest builder name its file name starts with, as `<name>_tiny`."""
-    if config.stem == "tiny_demo":
+    if config.stem == "tiny_demo" or config.stem.startswith("tiny_demo_"):
         return "llama_tiny"
     names = [n for n in MODEL_ARGS if config.stem == n or config.stem.startswith(n + "_")]
     assert names, f"{config.name}: a config's file name must start with a model builder name (one of {sorted(MODEL_ARGS)})"
@@ -60,13 +72,32 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def test_configs_were_found():
-    recipes = {c.parent.name for c in CONFIGS}
+    recipes = {recipe_of(c) for c in CONFIGS}
     assert {"full_finetune_single_device", "full_finetune_distributed"} <= recipes
+    assert recipes <= {p.stem for p in (REPO / "recipes").glob("*.py")}  # every folder names a recipe
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[f"{c.parent.name}/{c.stem}" for c in CONFIGS])
+def test_nested_configs_map_to_their_recipe_and_are_found_by_name(tmp_path, monkeypatch):
+    """A config in a subfolder belongs to the recipe of the top folder and is found as `experiments/<name>`."""
+    from mytune.config import configs
+
+    root = tmp_path / "recipes"
+    nested = root / "configs" / "full_finetune_single_device" / "experiments" / "tiny_demo_long.yaml"
+    nested.parent.mkdir(parents=True)
+    shipped = CONFIGS_ROOT / "full_finetune_single_device" / "tiny_demo.yaml"
+    nested.write_text(shipped.read_text().replace("epochs: 2", "epochs: 3"))
+    assert recipe_of(nested, root / "configs") == "full_finetune_single_device"
+    assert config_id(nested, root / "configs") == "full_finetune_single_device/experiments/tiny_demo_long"
+    monkeypatch.setattr(configs, "recipes_dir", lambda: root)
+    params_cls = load_params_class(REPO / "recipes" / "full_finetune_single_device.py")
+    parser = TuneArgumentParser(params_cls, recipe="full_finetune_single_device")
+    assert parser.resolve_config("experiments/tiny_demo_long") == nested
+    assert parser.parse_params(["--config", "experiments/tiny_demo_long"]).epochs == 3
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[config_id(c) for c in CONFIGS])
 def test_config_parses_validates_and_runs(config, tiny_checkpoints, tmp_path, capsys):
-    recipe = config.parent.name
+    recipe = recipe_of(config)
     params_cls = load_params_class(REPO / "recipes" / f"{recipe}.py")
     fields = {f.name for f in dataclasses.fields(params_cls)}
 
