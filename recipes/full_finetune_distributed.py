@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mytune.checkpoint import load_hf_model, read_hf_config, save_hf_checkpoint
+from mytune.checkpoint import load_hf_model, read_hf_model_args, save_hf_checkpoint
 from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
@@ -40,12 +40,17 @@ from mytune.data import (
     split_validation,
 )
 from mytune.errors import MytuneError, run_or_exit
-from mytune.models import ModelArgs, TransformerDecoder, model_args
+from mytune.models import TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
 from mytune.training.device import move_batch, set_seed
 from mytune.training.float8 import check_float8_supported, convert_to_float8
-from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.layer_wrappers import (
+    activation_offloading,
+    apply_activation_checkpointing,
+    compile_layers,
+    use_activation_offloading,
+)
 from mytune.training.loss import (
     IGNORE_INDEX,
     chunked_cross_entropy_sum,
@@ -108,7 +113,7 @@ class FullFinetuneRecipeDistributed:
         full_state_dict = None
         source = self.resume_dir or p.checkpoint_dir
         if source:
-            args = ModelArgs.from_hf_config(read_hf_config(source))
+            args = read_hf_model_args(source)  # config.json and generation_config.json, kept whole for the save
             if self.is_rank_zero:
                 full_state_dict = load_hf_model(source, device="cpu", dtype=torch.float32).state_dict()
         else:
@@ -146,6 +151,7 @@ class FullFinetuneRecipeDistributed:
         self.load_checkpoint()
         self.model.train()
         self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
+        self.offload_activations = use_activation_offloading(p.activation_offloading, self.device)
 
         self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
         if p.max_steps_per_epoch is not None:
@@ -325,7 +331,7 @@ class FullFinetuneRecipeDistributed:
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
-            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+            with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
             # the gradient is that of sum(token losses of the global batch) / num_label_tokens.

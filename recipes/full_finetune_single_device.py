@@ -40,7 +40,12 @@ from mytune.models import TransformerDecoder, model_args
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, move_batch, resolve_device, set_seed
 from mytune.training.float8 import check_float8_supported, convert_to_float8
-from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.layer_wrappers import (
+    activation_offloading,
+    apply_activation_checkpointing,
+    compile_layers,
+    use_activation_offloading,
+)
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.lifetime import StopSignals, exit_with_launcher
@@ -105,6 +110,7 @@ class FullFinetuneRecipeSingleDevice:
         self.load_checkpoint()
         self.model.train()
         self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
+        self.offload_activations = use_activation_offloading(p.activation_offloading, self.device)
         # None of these changes parameter names or state-dict keys: checkpoints are the same with or without them.
         if p.float8:
             check_float8_supported(self.device)
@@ -258,7 +264,7 @@ class FullFinetuneRecipeSingleDevice:
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
-            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+            with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             loss.backward()
             micro_losses.append(loss.detach())

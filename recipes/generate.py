@@ -89,7 +89,7 @@ class GenerateRecipe:
         p = self.params
         stop_ids = {self.tokenizer.eos_id, *self._checkpoint_eos_ids()}
         if not p.is_chat:
-            return self.tokenizer.encode(p.prompt, add_bos=True), sorted(stop_ids)
+            return self.tokenizer.encode(p.prompt), sorted(stop_ids)  # BOS as the tokenizer's own rule says
 
         # null -> the tokenizer's own template (tokenizer.chat_template), else chatml: the rule training uses
         template = resolve_template(p.chat_template, self.tokenizer, "chat")

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mytune.checkpoint import load_hf_model, load_peft_adapter, read_hf_config, save_hf_checkpoint, save_peft_adapter
+from mytune.checkpoint import load_hf_model, load_peft_adapter, read_hf_model_args, save_hf_checkpoint, save_peft_adapter
 from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
@@ -46,12 +46,17 @@ from mytune.data import (
     split_validation,
 )
 from mytune.errors import MytuneError, run_or_exit
-from mytune.models import ModelArgs, TransformerDecoder, model_args
+from mytune.models import TransformerDecoder, model_args
 from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer, write_tokenizer_files
 from mytune.training import distributed
 from mytune.training.device import move_batch, set_seed
-from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.layer_wrappers import (
+    activation_offloading,
+    apply_activation_checkpointing,
+    compile_layers,
+    use_activation_offloading,
+)
 from mytune.training.loss import (
     IGNORE_INDEX,
     chunked_cross_entropy_sum,
@@ -120,7 +125,7 @@ class LoRAFinetuneRecipeDistributed:
         p = self.params
         full_state_dict = None
         if p.checkpoint_dir:
-            args = ModelArgs.from_hf_config(read_hf_config(p.checkpoint_dir))
+            args = read_hf_model_args(p.checkpoint_dir)  # config.json and generation_config.json, kept whole for the save
             self.base_model_path = Path(p.checkpoint_dir).resolve()
         else:
             # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
@@ -181,6 +186,7 @@ class LoRAFinetuneRecipeDistributed:
         self.load_checkpoint()
         self.model.train()
         self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
+        self.offload_activations = use_activation_offloading(p.activation_offloading, self.device)
         # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
         self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
 
@@ -367,7 +373,7 @@ class LoRAFinetuneRecipeDistributed:
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
-            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+            with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
             # the gradient is that of sum(token losses of the global batch) / num_label_tokens.

@@ -48,7 +48,12 @@ from mytune.models import TransformerDecoder, model_args
 from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
 from mytune.tokenizers import load_tokenizer
 from mytune.training.device import DTYPES, move_batch, resolve_device, set_seed
-from mytune.training.layer_wrappers import activation_offloading, apply_activation_checkpointing, compile_layers
+from mytune.training.layer_wrappers import (
+    activation_offloading,
+    apply_activation_checkpointing,
+    compile_layers,
+    use_activation_offloading,
+)
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.lifetime import StopSignals, exit_with_launcher
@@ -130,6 +135,7 @@ class LoRAFinetuneRecipeSingleDevice:
         self.load_checkpoint()
         self.model.train()
         self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
+        self.offload_activations = use_activation_offloading(p.activation_offloading, self.device)
         # Neither changes parameter names or state-dict keys: checkpoints are the same with or without them.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -287,7 +293,7 @@ class LoRAFinetuneRecipeSingleDevice:
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
-            with activation_offloading(p.activation_offloading):  # the forward only: the backward brings them back
+            with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
             loss.backward()
             micro_losses.append(loss.detach())

@@ -7,11 +7,12 @@ from mytune.checkpoint.hf import (
     load_hf_model,
     mytune_to_hf_key,
     read_hf_config,
+    read_hf_model_args,
     save_hf_checkpoint,
 )
 
 __all__ = ["KEY_RENAMES", "atomic_directory", "hf_to_mytune_key", "load_hf_model", "mytune_to_hf_key",
-           "read_hf_config", "save_hf_checkpoint"]
+           "read_hf_config", "read_hf_model_args", "save_hf_checkpoint"]
 from mytune.checkpoint.peft import load_peft_adapter, save_peft_adapter  # noqa: E402
 
 __all__ += ["load_peft_adapter", "save_peft_adapter"]

@@ -4,6 +4,7 @@ Only safetensors are read, so loading a checkpoint never runs pickled code; `pyt
 with `torch.load(weights_only=True)` as a fallback for old checkpoints.
 """
 
+import copy
 import json
 import math
 import pickle
@@ -136,6 +137,52 @@ def check_hf_config(config: dict, path: Path | str) -> None:
             raise MytuneError(f"{path}: {key} must be {expected}, got {config[key]!r}; {_REDOWNLOAD}")
 
 
+def read_hf_model_args(checkpoint_dir: str | Path) -> ModelArgs:
+    """The `ModelArgs` of the checkpoint's config.json, carrying config.json and generation_config.json (when there
+    is one) as read, so that `save_hf_checkpoint` keeps every key of both."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_hf_config(checkpoint_dir)
+    generation_config = None
+    path = checkpoint_dir / GENERATION_CONFIG_NAME
+    if path.is_file():
+        generation_config = read_json_file(path, "generation_config.json")
+        if not isinstance(generation_config, dict):
+            raise MytuneError(f"{path}: must be a JSON object of settings, got a "
+                              f"{type(generation_config).__name__}; the file is damaged: copy or download it again")
+    return ModelArgs.from_hf_config(config, generation_config)
+
+
+def config_to_save(args: ModelArgs, torch_dtype: str) -> dict:
+    """config.json for a model with `args`, saved in `torch_dtype`.
+
+    A random start writes what `args` gives. A model read from a checkpoint starts from that checkpoint's config.json
+    (`args.hf_config`: `pad_token_id`, `unk_token_id`, `_name_or_path`, custom keys all kept) and rewrites only what
+    mytune owns: the dtype, and the architecture fields whose value `args` changed since the read.
+    """
+    ours = args.to_hf_config(torch_dtype=torch_dtype)
+    if args.hf_config is None:
+        return ours
+    as_read = ModelArgs.from_hf_config(args.hf_config).to_hf_config(torch_dtype=torch_dtype)
+    config = copy.deepcopy(args.hf_config)
+    config.update({key: value for key, value in ours.items() if value != as_read[key]})
+    config["torch_dtype"] = torch_dtype
+    if "dtype" in config:  # transformers 5 writes `dtype`
+        config["dtype"] = torch_dtype
+    return config
+
+
+def generation_config_to_save(args: ModelArgs) -> dict:
+    """generation_config.json: the source checkpoint's (`args.hf_generation_config`, every key kept) with bos/eos
+    rewritten only where `args` changed them since the read; else bos/eos from `args`."""
+    ours = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}
+    if args.hf_generation_config is None:
+        return ours
+    as_read = ModelArgs.from_hf_config(args.hf_config) if args.hf_config is not None else None
+    config = copy.deepcopy(args.hf_generation_config)
+    config.update({key: value for key, value in ours.items() if as_read is None or getattr(as_read, key) != value})
+    return config
+
+
 def load_hf_model(checkpoint_dir: str | Path, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> TransformerDecoder:
     """Build the model described by config.json and fill it with the checkpoint's weights, cast to `dtype`.
@@ -144,7 +191,7 @@ def load_hf_model(checkpoint_dir: str | Path, *, device: str | torch.device = "c
     so peak memory is one copy of the weights. Missing or unexpected keys and shape mismatches raise MytuneError.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    args = ModelArgs.from_hf_config(read_hf_config(checkpoint_dir))
+    args = read_hf_model_args(checkpoint_dir)
     device = torch.device(device)
     with torch.device("meta"):
         model = TransformerDecoder(args)
@@ -264,7 +311,8 @@ def save_hf_checkpoint(model: TransformerDecoder, out_dir: str | Path, *, dtype:
                        tokenizer_files: Sequence[Path] = (), max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained(out_dir)` loads.
 
-    config.json + generation_config.json, safetensors in `dtype` (sharded into files of at most `max_shard_bytes`
+    config.json + generation_config.json (a model read from a checkpoint keeps every key of that checkpoint's:
+    `config_to_save`), safetensors in `dtype` (sharded into files of at most `max_shard_bytes`
     with model.safetensors.index.json when larger), and copies of `tokenizer_files` (a SentencePiece
     tokenizer.model also gets the tokenizer_config.json transformers needs). The directory appears atomically.
     """
@@ -281,9 +329,8 @@ def save_hf_checkpoint(model: TransformerDecoder, out_dir: str | Path, *, dtype:
     dtype_name = str(dtype).removeprefix("torch.")
     with atomic_directory(out_dir) as tmp:
         _write_safetensors(tensors, tmp, dtype, max_shard_bytes)
-        (tmp / CONFIG_NAME).write_text(json.dumps(args.to_hf_config(torch_dtype=dtype_name), indent=2) + "\n")
-        generation_config = {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id}
-        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_to_save(args, dtype_name), indent=2) + "\n")
+        (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config_to_save(args), indent=2) + "\n")
         if tokenizer_files:
             from mytune.tokenizers import copy_tokenizer_files  # local: keeps checkpoint importable on its own
 

@@ -77,7 +77,7 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
             digest.update(Path(file).read_bytes())
         except OSError:
             digest.update(str(file).encode())
-    digest.update(json.dumps(tokenizer.encode(_PROBE_TEXT, add_bos=True, add_eos=True)).encode())
+    digest.update(json.dumps(tokenizer.encode(_PROBE_TEXT, add_eos=True)).encode())  # with its own BOS rule
     return digest.hexdigest()
 
 

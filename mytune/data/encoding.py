@@ -102,7 +102,7 @@ class TextEncoder:
 
         ids: list[int] = []
         targets: list[bool] = []
-        if rendered.add_bos and self.tokenizer.bos_id is not None:
+        if rendered.add_bos and getattr(self.tokenizer, "add_bos", True) and self.tokenizer.bos_id is not None:
             ids.append(self.tokenizer.bos_id)
             targets.append(False)
         cursor = 0

@@ -26,7 +26,7 @@ class InstructTokenizer(Protocol):
     eos_id: int
     pad_id: int
 
-    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]: ...
 
 
 class InstructDataset(SFTDataset):

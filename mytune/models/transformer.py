@@ -4,6 +4,7 @@ Per-family differences are data (`FAMILIES`), not subclasses: which biases exist
 how config.json states a sliding window, what the HF config class defaults are and which extra keys it carries.
 """
 
+import copy
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -107,6 +108,11 @@ class ModelArgs:
     # means sliding_window None here.
     sliding_window: int | None = None
     max_window_layers: int = 0
+    # The source checkpoint's config.json / generation_config.json as read (None for a random start): a save keeps
+    # every key of them and rewrites only what these args own (`checkpoint.hf.config_to_save`). Not model
+    # hyper-parameters: left out of equality and repr.
+    hf_config: dict | None = field(default=None, compare=False, repr=False)
+    hf_generation_config: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         family = _family(self.model_type)
@@ -143,8 +149,9 @@ class ModelArgs:
         return self.attention_bias and FAMILIES[self.model_type].o_proj_bias_follows_qkv
 
     @classmethod
-    def from_hf_config(cls, config: dict) -> "ModelArgs":
-        """Read an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+    def from_hf_config(cls, config: dict, generation_config: dict | None = None) -> "ModelArgs":
+        """Read an HF config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`); the
+        dicts (and generation_config.json's, when given) are kept as `hf_config` / `hf_generation_config`."""
         model_type = config.get("model_type")
         family = _family(model_type)
         _check_supported_hf_options(config)
@@ -154,9 +161,11 @@ class ModelArgs:
             cfg["attention_bias"] = family.attention_bias
         sliding_window, max_window_layers = _hf_sliding_window(cfg, family)
         names = {f.name for f in fields(cls)} - {"model_type", "rope_theta", "rope_scaling", "qk_norm",
-                                                 "sliding_window", "max_window_layers"}
+                                                 "sliding_window", "max_window_layers", "hf_config",
+                                                 "hf_generation_config"}
         return cls(model_type=model_type, rope_theta=rope_theta, rope_scaling=rope_scaling, qk_norm=family.qk_norm,
                    sliding_window=sliding_window, max_window_layers=max_window_layers,
+                   hf_config=copy.deepcopy(config), hf_generation_config=copy.deepcopy(generation_config),
                    **{name: cfg[name] for name in names if name in cfg})
 
     def to_hf_config(self, torch_dtype: str = "float32") -> dict:

@@ -14,7 +14,9 @@ CHAT_TEMPLATE_NAME = "chat_template.jinja"  # where transformers >= 4.50 saves t
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text <-> token ids. `encode` adds bos/eos only when asked (`add_bos`, `add_eos`), never on its own.
+    """Text <-> token ids. `encode` adds bos as the tokenizer's own rule says (`add_bos`: what transformers'
+    `tokenizer(text)` does, from tokenizer.json's post-processor or `add_bos_token` in tokenizer_config.json) unless
+    told otherwise (`add_bos=`), and eos only when asked (`add_eos`).
 
     `bos_token`/`eos_token` are the strings of `bos_id`/`eos_id` (what chat templates write; None without bos) and
     `chat_template` the Jinja template from tokenizer_config.json (or chat_template.jinja) beside the files, or None:
@@ -29,8 +31,9 @@ class Tokenizer(Protocol):
     bos_token: str | None
     eos_token: str
     chat_template: str | None
+    add_bos: bool          # the tokenizer's rule: does raw text get bos prepended (False when bos_id is None)
 
-    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]: ...
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
@@ -61,6 +64,22 @@ def read_special_tokens(directory: Path) -> dict[str, str | None]:
                 value = config[key]
                 tokens[key] = value.get("content") if isinstance(value, dict) else value
     return tokens
+
+
+def read_add_bos_token(directory: Path) -> bool | None:
+    """`add_bos_token` of tokenizer_config.json in `directory` (transformers' switch for SentencePiece tokenizers), or
+    None when the file or the key is absent."""
+    path = directory / TOKENIZER_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MytuneError(f"{path}: invalid JSON ({err})") from None
+    value = config.get("add_bos_token") if isinstance(config, dict) else None
+    if value is not None and not isinstance(value, bool):
+        raise MytuneError(f"{path}: add_bos_token must be true or false, got {value!r}")
+    return value
 
 
 def read_chat_template(directory: Path) -> str | None:

@@ -65,4 +65,5 @@ def _write_sentencepiece_extras(model_file: Path, out_dir: Path) -> list[Path]:
                        "tokenizer.model, and its ids may differ from sentencepiece's", model_file)
     pad_id = tokenizer.pad_id if tokenizer.pad_id != tokenizer.eos_id else None
     return write_sentencepiece_hf_files(tokenizer.processor, out_dir, bos_id=tokenizer.bos_id,
-                                        eos_id=tokenizer.eos_id, pad_id=pad_id, write_config=not has_config)
+                                        eos_id=tokenizer.eos_id, pad_id=pad_id, write_config=not has_config,
+                                        add_bos=tokenizer.add_bos)

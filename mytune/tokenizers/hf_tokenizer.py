@@ -17,8 +17,9 @@ class HFTokenizer:
     """Wraps `tokenizers.Tokenizer`; bos/eos/pad and the chat template from tokenizer_config.json /
     special_tokens_map.json (/ chat_template.jinja) beside the file.
 
-    `encode` never lets the file's post-processor add special tokens: bos/eos are added only on request, so the
-    result matches `transformers` with `add_special_tokens=False` plus the requested ids.
+    `encode` never lets the file's post-processor add special tokens itself: `add_bos` records whether it prepends
+    bos (as transformers 5 does, the post-processor decides, whatever tokenizer_config.json's `add_bos_token` says),
+    so `encode(text)` matches `transformers`' `tokenizer(text)` and `add_bos=`/`add_eos=` override it.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -41,6 +42,7 @@ class HFTokenizer:
         self.bos_token = self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else None
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
         self.chat_template = read_chat_template(self.path.parent)
+        self.add_bos = self._post_processor_adds_bos()
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.files = [self.path, *sibling_config_files(self.path)]
 
@@ -56,8 +58,19 @@ class HFTokenizer:
                 return token_id
         return None
 
-    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether tokenizer.json's post-processor (a TemplateProcessing, alone or in a Sequence) prepends bos:
+        asked of the `tokenizers` library itself, which applies it for transformers."""
+        if self.bos_id is None or self.tokenizer.post_processor is None:
+            return False
+        probe = "a"
+        plain = self.tokenizer.encode(probe, add_special_tokens=False).ids
+        full = self.tokenizer.encode(probe, add_special_tokens=True).ids
+        return full[:1] == [self.bos_id] and full[1:len(plain) + 1] == plain
+
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos if add_bos is None else add_bos
         return with_special(ids, self.bos_id, self.eos_id, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

@@ -113,10 +113,11 @@ def _bpe_merges(vocab: dict[str, int], scores: dict[str, float], skip: set[str])
 
 
 def sentencepiece_to_tokenizer_json(processor: spm.SentencePieceProcessor, *, bos_id: int | None,
-                                    eos_id: int) -> Tokenizer:
+                                    eos_id: int, add_bos: bool = True) -> Tokenizer:
     """A `tokenizers.Tokenizer` giving the same ids as `processor` for plain text (callers check `converts_exactly`).
 
-    Its post-processor adds bos (as LlamaTokenizerFast does), so `AutoTokenizer(text)` = `[bos] + encode(text)`.
+    With `add_bos` (the tokenizer's rule) its post-processor adds bos (as LlamaTokenizerFast does), so
+    `AutoTokenizer(text)` = `[bos] + encode(text)`; without, it adds nothing.
     """
     spec = read_sentencepiece_spec(processor)
     size = processor.get_piece_size()
@@ -140,7 +141,7 @@ def sentencepiece_to_tokenizer_json(processor: spm.SentencePieceProcessor, *, bo
     tokenizer.decoder = decoders.Sequence(steps)
     tokenizer.add_special_tokens([AddedToken(pieces[i], normalized=False, special=True)
                                   for i in range(size) if pieces[i] in special])
-    if bos_id is not None:
+    if add_bos and bos_id is not None:
         bos = pieces[bos_id]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
@@ -154,7 +155,7 @@ def read_piece_types(processor: spm.SentencePieceProcessor) -> list[int]:
 
 
 def tokenizer_config_for_sentencepiece(processor: spm.SentencePieceProcessor, *, bos_id: int | None, eos_id: int,
-                                       pad_id: int | None, has_tokenizer_json: bool) -> dict:
+                                       pad_id: int | None, has_tokenizer_json: bool, add_bos: bool = True) -> dict:
     """A tokenizer_config.json for transformers: the fast class when a tokenizer.json is written, else LlamaTokenizer
     (which then rebuilds itself from tokenizer.model)."""
     def piece(i: int | None) -> str | None:
@@ -166,7 +167,7 @@ def tokenizer_config_for_sentencepiece(processor: spm.SentencePieceProcessor, *,
         "eos_token": piece(eos_id),
         "unk_token": piece(processor.unk_id()),
         "pad_token": piece(pad_id) if pad_id is not None and pad_id != eos_id else None,
-        "add_bos_token": bos_id is not None,
+        "add_bos_token": add_bos and bos_id is not None,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
@@ -174,16 +175,19 @@ def tokenizer_config_for_sentencepiece(processor: spm.SentencePieceProcessor, *,
 
 
 def write_sentencepiece_hf_files(processor: spm.SentencePieceProcessor, out_dir: Path, *, bos_id: int | None,
-                                 eos_id: int, pad_id: int | None, write_config: bool = True) -> list[Path]:
-    """Write tokenizer.json (when the model converts exactly) and, if `write_config`, tokenizer_config.json."""
+                                 eos_id: int, pad_id: int | None, write_config: bool = True,
+                                 add_bos: bool = True) -> list[Path]:
+    """Write tokenizer.json (when the model converts exactly) and, if `write_config`, tokenizer_config.json; both
+    state the bos rule `add_bos`."""
     written = []
     has_json = converts_exactly(processor)
     if has_json:
-        sentencepiece_to_tokenizer_json(processor, bos_id=bos_id, eos_id=eos_id).save(str(out_dir / "tokenizer.json"))
+        tokenizer = sentencepiece_to_tokenizer_json(processor, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
+        tokenizer.save(str(out_dir / "tokenizer.json"))
         written.append(out_dir / "tokenizer.json")
     if write_config:
         config = tokenizer_config_for_sentencepiece(processor, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                                                    has_tokenizer_json=has_json)
+                                                    has_tokenizer_json=has_json, add_bos=add_bos)
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         written.append(out_dir / "tokenizer_config.json")
     return written

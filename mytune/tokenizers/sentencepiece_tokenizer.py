@@ -6,7 +6,13 @@ from pathlib import Path
 import sentencepiece as spm
 
 from mytune.errors import MytuneError
-from mytune.tokenizers.base import read_chat_template, read_special_tokens, sibling_config_files, with_special
+from mytune.tokenizers.base import (
+    read_add_bos_token,
+    read_chat_template,
+    read_special_tokens,
+    sibling_config_files,
+    with_special,
+)
 
 
 class SentencePieceTokenizer:
@@ -14,6 +20,8 @@ class SentencePieceTokenizer:
 
     bos/eos/pad come from the model itself, overridden by a tokenizer_config.json beside the file when it names
     tokens that exist in the vocabulary; `chat_template` comes from that file too (None when it has none).
+    `add_bos` (is bos prepended to raw text) is that file's `add_bos_token`, as transformers' LlamaTokenizer reads it;
+    without one, Llama's rule (bos added; transformers 4's default, and what the saved tokenizer files then state).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -35,6 +43,8 @@ class SentencePieceTokenizer:
         self.bos_token = self.processor.id_to_piece(self.bos_id) if self.bos_id is not None else None
         self.eos_token = self.processor.id_to_piece(self.eos_id)
         self.chat_template = read_chat_template(self.path.parent)
+        add_bos_token = read_add_bos_token(self.path.parent)
+        self.add_bos = self.bos_id is not None and (add_bos_token is None or add_bos_token)
         self.vocab_size = self.processor.vocab_size()
         self.files = [self.path, *sibling_config_files(self.path)]
 
@@ -43,7 +53,8 @@ class SentencePieceTokenizer:
             return self.processor.piece_to_id(token)
         return model_id if model_id >= 0 else None
 
-    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        add_bos = self.add_bos if add_bos is None else add_bos
         return with_special(self.processor.encode(text), self.bos_id, self.eos_id, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

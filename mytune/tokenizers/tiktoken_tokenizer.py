@@ -60,13 +60,15 @@ class TikTokenTokenizer:
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+        self.add_bos = True  # Llama 3's rule: its tokenizer.json post-processor prepends <|begin_of_text|>
         self.chat_template = read_chat_template(self.path.parent)
         self.stop_ids = [self.eos_id, self.special_tokens["<|eom_id|>"], self.special_tokens["<|eot_id|>"]]
         self.vocab_size = self.encoding.n_vocab
         self.files = [self.path]
 
-    def encode(self, text: str, *, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
         ids = self.encoding.encode(text, allowed_special=set(), disallowed_special=())
+        add_bos = self.add_bos if add_bos is None else add_bos
         return with_special(ids, self.bos_id, self.eos_id, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

@@ -8,6 +8,7 @@ before the optimizer: `apply_activation_checkpointing` -> `compile_layers` -> (`
 """
 
 import contextlib
+import sys
 import types
 from collections.abc import Iterator
 
@@ -133,6 +134,16 @@ def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
     if device not in _COPY_STREAMS:
         _COPY_STREAMS[device] = torch.cuda.Stream(device)
     return _COPY_STREAMS[device]
+
+
+def use_activation_offloading(requested: bool, device: torch.device) -> bool:
+    """Whether to offload: `requested` on a CUDA device. Elsewhere (device=auto on a machine without a GPU) it would
+    only copy CPU tensors to the CPU, so say so once and run without it."""
+    if requested and device.type != "cuda":
+        print(f"mytune: activation_offloading=true has no effect on {device.type} (it moves activations from GPU to "
+              f"CPU memory): running without it", file=sys.stderr, flush=True)
+        return False
+    return requested
 
 
 @contextlib.contextmanager

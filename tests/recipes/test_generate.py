@@ -75,7 +75,7 @@ def hf_reference(checkpoint: Path, messages=None, prompt=PROMPT, max_new_tokens=
 
     tokenizer = hf_tokenizer(checkpoint)
     if messages is None:
-        prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+        prompt_ids = tokenizer(prompt)["input_ids"]  # BOS where the tokenizer's own rule puts one
     else:
         prompt_ids = tokenizer.apply_chat_template(messages, chat_template=OWN_TEMPLATE, tokenize=True,
                                                    add_generation_prompt=True, return_dict=False)

@@ -23,16 +23,18 @@ def test_hf_ids_equal_transformers(bpe_tokenizer_dir, test_lines):
     assert ours.bos_id == auto.bos_token_id == reference.convert_tokens_to_ids("<|begin_of_text|>")
     assert ours.eos_id == auto.eos_token_id == 600 and ours.pad_id == auto.pad_token_id == 601
     assert ours.vocab_size == len(auto) == 602
+    assert not ours.add_bos  # the file has no post-processor: transformers prepends nothing, and neither do we
     for line in test_lines:
         ids = reference(line, add_special_tokens=False)["input_ids"]
         assert ours.encode(line, add_bos=False) == ids == auto(line, add_special_tokens=False)["input_ids"]
-        assert ours.encode(line, add_eos=True) == [ours.bos_id, *ids, ours.eos_id]
+        assert ours.encode(line) == auto(line)["input_ids"] == ids
+        assert ours.encode(line, add_bos=True, add_eos=True) == [ours.bos_id, *ids, ours.eos_id]
         assert ours.decode(ids) == auto.decode(ids) == line
 
 
 def test_hf_special_tokens_are_skipped_or_kept_on_decode(bpe_tokenizer_dir):
     tokenizer = load_tokenizer(bpe_tokenizer_dir)
-    ids = tokenizer.encode("hello", add_eos=True)
+    ids = tokenizer.encode("hello", add_bos=True, add_eos=True)
     assert tokenizer.decode(ids) == "hello"
     assert tokenizer.decode(ids, skip_special_tokens=False) == "<|begin_of_text|>hello<|im_end|>"
 

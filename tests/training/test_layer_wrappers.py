@@ -155,3 +155,12 @@ def test_compile_layers_with_checkpointing_matches_eager():
                     reason="inductor compiles for 10-30 s on a CPU; set MYTUNE_TEST_INDUCTOR=1 to run")
 def test_compile_layers_inductor_matches_eager():
     compiled_matches_eager("inductor", checkpointing=False)
+
+
+def test_activation_offloading_off_a_gpu_says_so_once_and_is_off(capsys):
+    from mytune.training.layer_wrappers import use_activation_offloading
+
+    assert use_activation_offloading(True, torch.device("cpu")) is False
+    assert "activation_offloading=true has no effect on cpu" in capsys.readouterr().err
+    assert use_activation_offloading(False, torch.device("cpu")) is False
+    assert capsys.readouterr().err == ""
