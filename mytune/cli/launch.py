@@ -44,6 +44,7 @@ def launch(argv: list[str]) -> int:
     use_free_port_on_one_node(args)
     point_at_recipe(args, recipe)
     os.environ["MYTUNE_LAUNCHER_PID"] = str(os.getpid())  # the workers' exit_with_launcher checks their parent
+    set_threads_per_process(args.nproc_per_node)
     stopper = WorkerStopper(args)
     try:
         torchrun.run(args)
@@ -181,6 +182,25 @@ def point_at_recipe(args, recipe: Path | recipes.ModuleRecipe) -> None:
             args.training_script_args = [recipe.name, *args.training_script_args]
     else:
         args.training_script = str(recipe)
+
+
+def set_threads_per_process(nproc_per_node: str) -> None:
+    """OMP_NUM_THREADS for the workers, unless the user set it: this node's CPUs shared by its processes, said in one
+    line (torchrun would otherwise set 1 and print a four-line banner on every multi-process run)."""
+    from torch.distributed import run as torchrun
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    try:
+        processes = torchrun.determine_local_world_size(nproc_per_node)
+    except (ValueError, RuntimeError):
+        return  # torchrun reports the bad value itself
+    if processes <= 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    print(f"mytune: OMP_NUM_THREADS={threads} for each of the {processes} processes on this node "
+          f"(this node's CPUs shared; set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)
 
 
 def check_process_count(recipe: str, nproc_per_node: str, nnodes: str) -> None:

@@ -68,3 +68,24 @@ def test_torchrun_failure_returns_the_recipes_exit_code(tmp_path):
     assert result.returncode == 2
     assert "failing: error: boom" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "mytune: error: failing failed on rank 0 with exit code 2"
+
+
+def test_threads_per_process_are_set_once_and_said_in_one_line(monkeypatch, capsys):
+    """Without OMP_NUM_THREADS, torchrun would set 1 and print its four-line banner for every multi-process run."""
+    import os
+
+    from mytune.cli.launch import set_threads_per_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    set_threads_per_process("4")
+    assert os.environ["OMP_NUM_THREADS"] == "4"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OMP_NUM_THREADS=4 for each of the 4 processes" in err
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands, silently
+    set_threads_per_process("4")
+    assert os.environ["OMP_NUM_THREADS"] == "3" and capsys.readouterr().err == ""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    set_threads_per_process("1")  # one process: nothing to share
+    assert "OMP_NUM_THREADS" not in os.environ
