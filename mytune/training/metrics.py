@@ -199,3 +199,26 @@ def build_metric_loggers(output_dir: str | Path, names: list[str], *, project: s
         else:
             loggers.append(WandbMetricLogger(output_dir, project=project, run_name=run_name, config=config))
     return MultiMetricLogger(loggers)
+
+
+def run_summary(recipe: str, steps: int, last: dict, checkpoint: str | Path, *, adapter: bool = False) -> str:
+    """The lines a run ends with: where it got (final train / validation loss, throughput), where its checkpoint
+    is, and the commands a user runs next."""
+    numbers = [f"{steps} steps"]
+    if "loss" in last:
+        numbers.append(f"final train loss {last['loss']:.4f}")
+    if "val_loss" in last:
+        numbers.append(f"val_loss {last['val_loss']:.4f} (perplexity {last['val_perplexity']:.2f})")
+    if "tokens_per_s" in last:
+        numbers.append(f"{last['tokens_per_s']:,.0f} tokens/s")
+    what = "merged model (Hugging Face format), PEFT adapter in adapter/" if adapter else "Hugging Face format"
+    return "\n".join([
+        f"{recipe} done: {', '.join(numbers)}",
+        f"  checkpoint: {checkpoint} ({what}; metrics in {Path(checkpoint).parent / 'metrics.jsonl'})",
+        f"  try it:     mytune generate --override checkpoint_dir={checkpoint} prompt='...'"
+        f"   (the demo: mytune generate --config tiny_demo)",
+        f"  change it:  mytune cp {recipe} ./my_recipe.py   (then: mytune ./my_recipe.py --config ...)",
+        f"  real model: mytune download meta-llama/Llama-3.2-1B-Instruct, then "
+        f"mytune {recipe} --config llama3_2_1b --override checkpoint_dir=./models/Llama-3.2-1B-Instruct",
+    ])
+

@@ -75,3 +75,17 @@ def test_wandb_logger_calls(tmp_path, monkeypatch):
         ("log", {"epoch": 0.0, "loss": 2.5, "lr": 1e-5, "tokens_per_s": 1234.5678}, 1),
         ("finish",),
     ]
+
+
+def test_run_summary_names_the_numbers_the_checkpoint_and_what_to_run_next(tmp_path):
+    from mytune.training.metrics import run_summary
+
+    text = run_summary("full_finetune_single_device", 474, {"loss": 1.936, "val_loss": 2.4393,
+                                                             "val_perplexity": 11.46, "tokens_per_s": 17035.2},
+                       tmp_path / "out" / "step_474")
+    first, *rest = text.splitlines()
+    assert first == ("full_finetune_single_device done: 474 steps, final train loss 1.9360, val_loss 2.4393 "
+                     "(perplexity 11.46), 17,035 tokens/s")
+    assert f"checkpoint: {tmp_path / 'out' / 'step_474'}" in rest[0] and "metrics.jsonl" in rest[0]
+    assert any("mytune generate" in line for line in rest) and any("mytune cp" in line for line in rest)
+    assert any("mytune download" in line for line in rest)
