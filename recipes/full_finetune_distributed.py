@@ -34,6 +34,7 @@ from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
     ResumableSampler,
+    build_dataset_mix,
     build_sft_dataset,
     default_cache_dir,
     padded_collate,
@@ -224,11 +225,14 @@ class FullFinetuneRecipeDistributed:
             truncation=p.truncation,
             packed=p.packed,
             skip_bad_rows=p.skip_bad_rows,
+            row_transform=p.row_transform or None,
             cache_dir=cache_dir,
         )
 
         def build_all():
-            return build(p.dataset_path), (build(p.dataset_val) if p.dataset_val else None)
+            train = build_dataset_mix(build, p.dataset_path, weights=p.dataset_weights, formats=p.dataset_formats,
+                                      column_maps=p.column_maps)
+            return train, (build(p.dataset_val) if p.dataset_val else None)
 
         error = None
         if self.is_rank_zero:

@@ -30,6 +30,7 @@ from mytune.config import TuneArgumentParser, require_input_paths
 from mytune.data import (
     ResumableDataLoader,
     ResumableSampler,
+    build_dataset_mix,
     build_sft_dataset,
     default_cache_dir,
     padded_collate,
@@ -49,7 +50,7 @@ from mytune.training.layer_wrappers import (
 from mytune.training.loss import chunked_cross_entropy_sum, count_label_tokens, cross_entropy_sum
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.lifetime import StopSignals, exit_with_launcher
-from mytune.training.metrics import build_metric_loggers, truncate_metrics
+from mytune.training.metrics import build_metric_loggers, run_summary, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.profiling import maybe_profile, peak_memory_gib
 from mytune.training.recipe_state import (
@@ -80,6 +81,7 @@ class FullFinetuneRecipeSingleDevice:
                                                           overwrite=params.overwrite_output_dir)
         self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
         self.last_saved_step = None
+        self.last_logged: dict = {}  # the newest logged metrics, for the closing summary
         set_seed(params.seed)
 
     def load_checkpoint(self) -> None:
@@ -184,9 +186,11 @@ class FullFinetuneRecipeSingleDevice:
             truncation=p.truncation,
             packed=p.packed,
             skip_bad_rows=p.skip_bad_rows,
+            row_transform=p.row_transform or None,
             cache_dir=cache_dir,
         )
-        dataset = build(p.dataset_path)
+        dataset = build_dataset_mix(build, p.dataset_path, weights=p.dataset_weights, formats=p.dataset_formats,
+                                     column_maps=p.column_maps)
         report_dataset("dataset_path", dataset)
         val_dataset = None
         if p.dataset_val:
@@ -246,6 +250,7 @@ class FullFinetuneRecipeSingleDevice:
                             progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f}, "
                                            f"val_perplexity {metrics['val_perplexity']:.2f}")
                         self.metric_logger.log(metrics)
+                        self.last_logged = metrics  # for the run's closing summary
                         tokens_since_log, seconds_since_log = 0, 0.0
                     if preemption.should_stop:
                         progress.write(f"{preemption.received.name} at step {self.global_step}: saving a checkpoint "
@@ -358,6 +363,8 @@ def recipe_main(params: FullFinetuneParams) -> Path:
         recipe.train()
         out_dir = recipe.save_checkpoint()
         recipe.cleanup()
+        print(run_summary("full_finetune_single_device", recipe.global_step, recipe.last_logged, out_dir, adapter=False),
+              flush=True)
     finally:
         recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     return out_dir

@@ -32,14 +32,17 @@ def find_missing_paths(params: object) -> list[str]:
     docs: dict[str, str] | None = None
     for name in getattr(params_cls, "INPUT_PATHS", ()):
         value = getattr(params, name, None)
-        if not isinstance(value, (str, os.PathLike)) or not str(value) or Path(value).exists():
-            continue
-        if name in hub_fields and looks_like_hub_dataset(str(value)):
-            continue
-        if docs is None:
-            docs = field_docs(params_cls)
-        expected = docs.get(name, "an existing file or directory")
-        missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})" + _download_hint(params, name))
+        values = value if isinstance(value, (list, tuple)) else [value]  # a dataset mix names several sources
+        for value in values:
+            if not isinstance(value, (str, os.PathLike)) or not str(value) or Path(value).exists():
+                continue
+            if name in hub_fields and looks_like_hub_dataset(str(value)):
+                continue
+            if docs is None:
+                docs = field_docs(params_cls)
+            expected = docs.get(name, "an existing file or directory")
+            missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})"
+                           + _download_hint(params, name))
     return missing
 
 

@@ -142,6 +142,12 @@ def check_data_fields(p: Any) -> None:
     """The data pipeline's options: row format, column map, prompt template, truncation and validation split."""
     if p.dataset_format not in ("auto", "instruct", "chat", "text"):
         raise ConfigError(f"dataset_format must be auto, instruct, chat or text, got {p.dataset_format!r}")
+    sources = dataset_sources(p.dataset_path)  # `[a, b]` from the command line becomes a list
+    p.dataset_path = sources[0] if len(sources) == 1 else sources
+    check_dataset_mix(sources, p.dataset_weights, p.dataset_formats, p.column_maps)
+    if not isinstance(p.row_transform, str) or (p.row_transform and p.row_transform.count(":") != 1):
+        raise ConfigError(f"row_transform must be an import path module:function (e.g. my_pkg.rows:to_chat) or "
+                          f"empty, got {p.row_transform!r}")
     for ours, theirs in p.column_map.items():
         if ours not in DATASET_COLUMNS:
             raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
@@ -169,3 +175,35 @@ def check_data_fields(p: Any) -> None:
                           "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
     if p.max_eval_batches is not None and p.max_eval_batches < 1:
         raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {p.max_eval_batches}")
+
+
+def dataset_sources(value: Any) -> list[str]:
+    """`dataset_path` as a list of sources: a list as is, `"[a, b]"` split, a single path as a one-item list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+        return [value] if value else []
+    return [str(item) for item in value]
+
+
+def check_dataset_mix(sources: list, weights: list, formats: list, column_maps: list) -> None:
+    """Per-source lists match the sources (or are empty); weights positive and finite; one ConfigError line."""
+    n = len(sources)
+    for field, values in (("dataset_weights", weights), ("dataset_formats", formats), ("column_maps", column_maps)):
+        if values and len(values) != n:
+            raise ConfigError(f"{field} has {len(values)} entries but dataset_path names {n} source"
+                              f"{'s' if n != 1 else ''}; give one entry per source (or none)")
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"dataset_weights[{index}] must be a positive finite number, got {weight!r}")
+    for index, fmt in enumerate(formats):
+        if fmt not in ("auto", "instruct", "chat", "text"):
+            raise ConfigError(f"dataset_formats[{index}] must be auto, instruct, chat or text, got {fmt!r}")
+    for index, column_map in enumerate(column_maps):
+        if not isinstance(column_map, dict):
+            raise ConfigError(f"column_maps[{index}] must be a mapping (e.g. {{output: answer}}), got {column_map!r}")
+        for ours, theirs in column_map.items():
+            if ours not in DATASET_COLUMNS or not isinstance(theirs, str) or not theirs:
+                raise ConfigError(f"column_maps[{index}]: {ours!r}: {theirs!r} must map one of "
+                                  f"{', '.join(DATASET_COLUMNS)} to a column name of that dataset")

@@ -17,6 +17,7 @@ from mytune.data.cache import default_cache_dir
 from mytune.data.collate import padded_collate
 from mytune.data.formats import DATASET_FORMATS, Example, RowError, detect_format
 from mytune.data.instruct import InstructDataset, InstructTokenizer
+from mytune.data.mix import MixedDataset, build_dataset_mix, dataset_sources
 from mytune.data.packing import document_attention_mask, greedy_pack
 from mytune.data.rows import RowTable, load_rows, read_rows
 from mytune.data.sampler import ResumableDataLoader, ResumableSampler
@@ -51,6 +52,7 @@ __all__ = [
     "InstructTokenizer",
     "LLAMA2_JINJA",
     "LLAMA3_JINJA",
+    "MixedDataset",
     "PromptRenderer",
     "Rendered",
     "ResumableDataLoader",
@@ -59,7 +61,9 @@ __all__ = [
     "RowTable",
     "SFTDataset",
     "alpaca_prompt",
+    "build_dataset_mix",
     "build_sft_dataset",
+    "dataset_sources",
     "default_cache_dir",
     "detect_format",
     "document_attention_mask",

@@ -41,6 +41,8 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, dataset: Sized | int, *, rank: int | None = None, world_size: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True):
         self.num_samples = dataset if isinstance(dataset, int) else len(dataset)
+        # A weighted dataset mix (mix.py) orders its own epochs; the state below still resumes it exactly.
+        self._mix = dataset if getattr(dataset, "mix_weights", None) is not None else None
         default_rank, default_size = _distributed_rank_and_size()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_size if world_size is None else world_size
@@ -65,7 +67,9 @@ class ResumableSampler(Sampler[int]):
         return self.global_epoch_length // self.world_size
 
     def _global_order(self) -> np.ndarray:
-        if self.shuffle:
+        if self._mix is not None:
+            order = self._mix.epoch_order(self.seed, self.epoch, self.shuffle)
+        elif self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
@@ -95,16 +99,24 @@ class ResumableSampler(Sampler[int]):
         """Record that every rank handed `samples_per_rank` more samples to training."""
         self.consumed = min(self.global_epoch_length, self.consumed + samples_per_rank * self.world_size)
 
+    @property
+    def mix_weights(self) -> list[float] | None:
+        return None if self._mix is None else list(self._mix.mix_weights)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        state = {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "shuffle": self.shuffle,
+                 "num_samples": self.num_samples, "world_size": self.world_size}
+        if self._mix is not None:
+            state["mix_weights"] = self.mix_weights
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "shuffle", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
+        for key in ("seed", "shuffle", "num_samples", "mix_weights"):
+            if state.get(key) != getattr(self, key) and (key in state or key == "mix_weights"):
                 raise MytuneError(
                     f"the data sampler state in the checkpoint has {key}={state[key]!r} but this run has "
-                    f"{getattr(self, key)!r}; resume with the same dataset, seed and shuffle setting"
+                    f"{getattr(self, key)!r}; resume with the same dataset, seed and shuffle setting "
+                    "(and dataset_weights)"
                 )
         self.epoch = int(state["epoch"])
         self.consumed = min(int(state["consumed"]), self.global_epoch_length)

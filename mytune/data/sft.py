@@ -17,7 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from mytune.data.rows import (
     read_rows,
 )
 from mytune.data.templates import PromptRenderer, resolve_template
+from mytune.data.transform import RowTransform, load_row_transform
 from mytune.errors import ConfigError, MytuneError
 
 CROSS_ENTROPY_IGNORE_INDEX = -100
@@ -149,6 +150,8 @@ def split_validation(dataset: SFTDataset, val_fraction: float, *, seed: int = 0)
     `round(val_fraction * num_samples)` samples, at least one, go to validation; both keep the original order.
     The same seed and data give the same split on every rank and every resume.
     """
+    if hasattr(dataset, "split_validation"):  # a dataset mix (mix.py): each source split on its own
+        return dataset.split_validation(val_fraction, seed=seed)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
     n = dataset.num_samples
@@ -172,18 +175,23 @@ class _Settings:
     skip_bad_rows: bool
     truncation: str
     num_proc: int | None
+    row_transform: RowTransform | None = None
 
     def cache_fields(self) -> dict:
-        return {"max_seq_len": self.max_seq_len, "dataset_format": self.dataset_format,
-                "column_map": self.column_map, "chat_template": self.chat_template,
-                "skip_bad_rows": self.skip_bad_rows, "truncation": self.truncation}
+        fields = {"max_seq_len": self.max_seq_len, "dataset_format": self.dataset_format,
+                  "column_map": self.column_map, "chat_template": self.chat_template,
+                  "skip_bad_rows": self.skip_bad_rows, "truncation": self.truncation}
+        if self.row_transform is not None:  # absent otherwise: entries written before transforms existed still hit
+            fields["row_transform"] = self.row_transform.fingerprint
+        return fields
 
 
 def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, dataset_format: str | None = None,
                       train_on_input: bool = False, column_map: Mapping[str, str] | None = None,
                       chat_template: str | None = None, packed: bool = False, skip_bad_rows: bool = False,
                       truncation: str = "truncate", cache_dir: str | Path | None = None,
-                      num_proc: int | None = None, split: str = "train") -> SFTDataset:
+                      num_proc: int | None = None, split: str = "train",
+                      row_transform: str | Callable | None = None) -> SFTDataset:
     """Tokenized SFT samples from a file, a folder, or a hub dataset name.
 
     - `dataset_format`: instruct | chat | text, or None to detect it from the first row's columns.
@@ -199,9 +207,11 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
       settings loads it instead of tokenizing.
     - `num_proc`: tokenizer processes (None: all cores, capped at 8, for >= 20k rows; else 1).
     - `split`: the split of a hub dataset.
+    - `row_transform`: `module:function` (or a callable) applied to each raw row before format detection; it returns
+      an instruct, chat or text row (see transform.py). Its source code is part of the cache key.
     """
     settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
-                               num_proc)
+                               num_proc, row_transform=row_transform)
     # The data's identity before any row is read: local files by their bytes; a hub dataset once opened.
     data_id, hub = local_fingerprint(path), None
     if data_id is None and looks_like_hub_name(str(path)):
@@ -230,10 +240,10 @@ def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, so
                           dataset_format: str | None = None, train_on_input: bool = False,
                           column_map: Mapping[str, str] | None = None, chat_template: str | None = None,
                           packed: bool = False, skip_bad_rows: bool = False, truncation: str = "truncate",
-                          num_proc: int | None = 1) -> SFTDataset:
+                          num_proc: int | None = 1, row_transform: str | Callable | None = None) -> SFTDataset:
     """`build_sft_dataset` for rows already in memory (errors name them "<source> row N (0-based)"); no cache."""
     settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
-                               num_proc, source=source)
+                               num_proc, source=source, row_transform=row_transform)
     if not rows:
         raise MytuneError(f"{source}: no rows; the dataset needs at least one row")
     arrays = _tokenize_table(RowTable.from_rows(rows, source), tokenizer, settings, source=source)
@@ -241,7 +251,7 @@ def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, so
 
 
 def _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation, num_proc,
-                    source: str = "") -> _Settings:
+                    source: str = "", row_transform: str | Callable | None = None) -> _Settings:
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}max_seq_len must be an integer >= 2, got {max_seq_len!r}")
@@ -250,7 +260,7 @@ def _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise ConfigError(f"num_proc must be an integer >= 1 or null (automatic), got {num_proc!r}")
     return _Settings(max_seq_len, check_dataset_format(dataset_format), check_column_map(column_map),
-                     chat_template, bool(skip_bad_rows), truncation, num_proc)
+                     chat_template, bool(skip_bad_rows), truncation, num_proc, load_row_transform(row_transform))
 
 
 def _from_arrays(tokens, targets, offsets, meta, settings: _Settings, train_on_input: bool, packed: bool,
@@ -267,14 +277,30 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
         raise MytuneError(f"{source}: no usable rows ({table.skipped} bad rows skipped: "
                           f"{'; '.join(table.skip_messages)})")
     column_map = settings.column_map
-    dataset_format = settings.dataset_format or detect_format(table.rows[0], column_map, table.where(0))
     rows_read = len(table.rows) + table.skipped  # bad rows found below are counted by table.skip too
+    rows = _transform_rows(table, settings) if settings.row_transform is not None else table.rows
+    first = next((index for index, row in enumerate(rows) if row is not None), None)
+    if first is None:
+        raise MytuneError(f"{source}: no usable rows ({table.skipped} bad rows skipped: "
+                          f"{'; '.join(table.skip_messages)})")
+    returned = f"row_transform {settings.row_transform.name} returned a row that " if settings.row_transform else ""
+    try:
+        dataset_format = settings.dataset_format or detect_format(rows[first], column_map, table.where(first))
+    except MytuneError as err:
+        if not returned:
+            raise
+        raise MytuneError(f"{table.where(first)}: {returned}is in no known format: "
+                          f"{str(err).split(': ', 1)[-1]}") from None
     examples: list[Example | None] = []
-    for index, row in enumerate(table.rows):
+    for index, row in enumerate(rows):
+        if row is None:  # the row transform failed on it (skipped and counted)
+            examples.append(None)
+            continue
         try:
             examples.append(to_example(row, dataset_format, column_map))
         except RowError as err:
-            table.skip(f"{table.where(index)}: {err}", settings.skip_bad_rows)
+            table.skip(f"{table.where(index)}: {returned and returned + f'is not {dataset_format}: '}{err}",
+                       settings.skip_bad_rows)
             examples.append(None)
 
     template = resolve_template(settings.chat_template, tokenizer, dataset_format)
@@ -306,6 +332,29 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
         raise MytuneError(f"{source}: no usable samples ({meta['bad_rows_skipped']} bad rows skipped, "
                           f"{meta['dropped_too_long']} dropped as longer than max_seq_len={settings.max_seq_len})")
     return tokens, targets, offsets, meta
+
+
+def _transform_rows(table: RowTable, settings: _Settings) -> list[dict | None]:
+    """Each raw row through the row transform; a row it raises on or turns into a non-dict is a bad row (None)."""
+    transform = settings.row_transform
+    rows: list[dict | None] = []
+    for index, row in enumerate(table.rows):
+        try:
+            result = transform.function(row)
+        except Exception as err:
+            text = " ".join(str(err).split())[:200]
+            table.skip(f"{table.where(index)}: row_transform {transform.name} raised {type(err).__name__}"
+                       + (f": {text}" if text else ""), settings.skip_bad_rows)
+            rows.append(None)
+            continue
+        if not isinstance(result, Mapping):
+            table.skip(f"{table.where(index)}: row_transform {transform.name} returned {type(result).__name__}, "
+                       "expected a dict row in a built-in format (instruction/input/output, messages or "
+                       "conversations, or text)", settings.skip_bad_rows)
+            rows.append(None)
+            continue
+        rows.append(dict(result))
+    return rows
 
 
 # ---- tokenization workers --------------------------------------------------------------------------------------------

@@ -39,9 +39,13 @@ class LoRAFinetuneDistributedParams:
     quantize_base: bool = False  # QLoRA: keep the frozen base weights of the targeted layers in NF4 (torchao), sharded; 2+ processes
 
     # Data (see mytune.data): formats instruct / chat / text, prompt formats, truncation, packing, tokenization cache
-    dataset_path: str = ""  # training data: a .jsonl/.json/.csv/.txt/.parquet file, a folder of them, or a hub dataset owner/name
+    dataset_path: str | list[str] = ""  # training data: a .jsonl/.json/.csv/.txt/.parquet file, a folder of them, or a hub dataset owner/name; a list [a.jsonl, owner/name, dir/] mixes several
+    dataset_weights: list[float] = field(default_factory=list)  # sampling weight of each dataset_path source, e.g. [0.7, 0.3]; empty = by size (concatenation)
+    dataset_formats: list[str] = field(default_factory=list)  # per-source dataset_format when sources differ, e.g. [instruct, chat]; empty = dataset_format for all
+    column_maps: list[dict[str, str]] = field(default_factory=list)  # per-source column_map when sources differ, e.g. [{output: answer}, {}]; empty = column_map for all
     dataset_format: Literal["auto", "instruct", "chat", "text"] = "auto"  # row format; auto: from the columns (instruction, messages/conversations, text)
     column_map: dict[str, str] = field(default_factory=dict)  # our column -> the dataset's, e.g. {instruction: prompt, output: response}
+    row_transform: str = ""  # module:function that turns each raw row into an instruct, chat or text row (e.g. my_pkg.rows:to_chat); empty = none
     chat_template: str = ""  # prompt format: alpaca, llama2, llama3, chatml, tokenizer or Jinja; empty = the tokenizer's, else alpaca/chatml
     train_on_input: bool = False  # also train on prompt tokens (by default only outputs / assistant turns are trained)
     max_seq_len: int = 2048  # tokens per sample (and per packed row); longer samples are truncated or dropped
