@@ -14,6 +14,12 @@ class ConfigError(MytuneError):
     """A bad config key, value or combination of values."""
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message folded onto one line (at most `limit` characters), or its type name when it has none:
+    for quoting a library's error inside a MytuneError."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
 def run_or_exit(main, prog: str = "mytune") -> None:
     """Run a recipe's `main()`; a `MytuneError` becomes one line on stderr and exit code 2, Ctrl-C one line and 130.
 

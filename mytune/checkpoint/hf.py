@@ -264,6 +264,8 @@ def _load_bin(path: Path, device: torch.device) -> dict:
         raise MytuneError(f"{path}: holds pickled objects other than tensors; mytune reads only plain tensors, so "
                           "it will not run code from a checkpoint: convert the checkpoint to safetensors where you "
                           "trust it, or use another checkpoint") from None
+    except torch.OutOfMemoryError:  # a RuntimeError, but the file is fine: no "download it again" advice
+        raise
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise damaged_weights_error(path, err) from None
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):

@@ -114,7 +114,7 @@ class ResumableSampler(Sampler[int]):
         for key in ("seed", "shuffle", "num_samples", "mix_weights"):
             if state.get(key) != getattr(self, key) and (key in state or key == "mix_weights"):
                 raise MytuneError(
-                    f"the data sampler state in the checkpoint has {key}={state[key]!r} but this run has "
+                    f"the data sampler state in the checkpoint has {key}={state.get(key)!r} but this run has "
                     f"{getattr(self, key)!r}; resume with the same dataset, seed and shuffle setting "
                     "(and dataset_weights)"
                 )

@@ -45,7 +45,7 @@ from mytune.data.rows import (
 )
 from mytune.data.templates import PromptRenderer, resolve_template
 from mytune.data.transform import RowTransform, load_row_transform
-from mytune.errors import ConfigError, MytuneError
+from mytune.errors import ConfigError, MytuneError, one_line
 
 CROSS_ENTROPY_IGNORE_INDEX = -100
 TRUNCATION_MODES = ("truncate", "drop")
@@ -342,9 +342,8 @@ def _transform_rows(table: RowTable, settings: _Settings) -> list[dict | None]:
         try:
             result = transform.function(row)
         except Exception as err:
-            text = " ".join(str(err).split())[:200]
             table.skip(f"{table.where(index)}: row_transform {transform.name} raised {type(err).__name__}"
-                       + (f": {text}" if text else ""), settings.skip_bad_rows)
+                       + (f": {one_line(err)}" if str(err).strip() else ""), settings.skip_bad_rows)
             rows.append(None)
             continue
         if not isinstance(result, Mapping):

@@ -16,7 +16,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mytune.errors import ConfigError
+from mytune.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def load_row_transform(spec: str | Callable | None, field: str = "row_transform"
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or an error raised while the module runs
         raise ConfigError(f"{field}={spec}: cannot import module {module_name!r} "
-                          f"({type(err).__name__}: {_one_line(err)}); is it on PYTHONPATH?") from None
+                          f"({type(err).__name__}: {one_line(err)}); is it on PYTHONPATH?") from None
     function = module
     for part in attribute.split("."):
         function = getattr(function, part, None)
@@ -61,7 +61,3 @@ def _fingerprint(function: Callable, name: str) -> str:
         source = repr(getattr(function, "__code__", None) and function.__code__.co_code)
     return f"{name}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] or type(err).__name__

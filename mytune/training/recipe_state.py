@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mytune.checkpoint.atomic import describe_write_error
-from mytune.errors import MytuneError
+from mytune.errors import MytuneError, one_line
 
 RECIPE_STATE_FILE = "recipe_state.pt"
 FORMAT_VERSION = 1
@@ -242,8 +242,7 @@ def _load_state_file(path: Path) -> dict:
     except MemoryError:
         raise
     except Exception as err:  # torch.load's errors for cut or scrambled files vary (EOFError, OSError, RuntimeError)
-        detail = " ".join(str(err).split())[:200] or type(err).__name__
-        raise MytuneError(f"{path}: cannot be read ({detail}): the file is incomplete or damaged (an interrupted "
+        raise MytuneError(f"{path}: cannot be read ({one_line(err)}): the file is incomplete or damaged (an interrupted "
                           f"copy?); {_DAMAGED_STATE_ADVICE}") from None
     if not isinstance(state, dict):
         raise MytuneError(f"{path}: holds a {type(state).__name__}, not a recipe state: the file is damaged; "

@@ -116,6 +116,9 @@ def test_resuming_with_other_weights_or_without_the_mix_is_refused():
         ResumableSampler(_mix(weights=(0.5, 0.3, 0.2)), rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(MytuneError, match="mix_weights"):
         ResumableSampler(sum(SIZES), rank=0, world_size=1).load_state_dict(state)
+    plain = ResumableSampler(sum(SIZES), rank=0, world_size=1).state_dict()  # saved by a run without a mix
+    with pytest.raises(MytuneError, match="mix_weights=None but this run has"):  # one line, not KeyError
+        ResumableSampler(_mix(), rank=0, world_size=1).load_state_dict(plain)
 
 
 def test_without_weights_the_mix_is_the_plain_concatenation():
