@@ -315,11 +315,22 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int, *, protect: str | 
         checkpoints = [c for c in checkpoints if c[1].resolve() != protect] + saved  # counted as the newest
     deleted = []
     for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
-        doomed = path.parent / f".old-{path.name}-{os.getpid()}"
-        os.replace(path, doomed)
-        shutil.rmtree(doomed)
+        discard(path)
         deleted.append(path)
     return deleted
+
+
+def discard(path: Path) -> None:
+    """Delete a file or directory of an output_dir; a directory is first renamed to a `.old-<name>-<pid>` name, so a
+    crash mid-delete leaves a leftover the next run's start removes, never a partial `step_<N>`."""
+    if path.is_dir() and not path.name.startswith("."):
+        doomed = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, doomed)
+        path = doomed
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # The params a checkpoint records (in recipe_state.pt's `extra["params"]`), so a resume can tell what changed.

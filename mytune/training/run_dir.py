@@ -13,7 +13,6 @@ death).
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from mytune.checkpoint.atomic import describe_write_error
 from mytune.errors import MytuneError
-from mytune.training.recipe_state import RECIPE_STATE_FILE, resolve_resume_dir, step_checkpoints
+from mytune.training.recipe_state import RECIPE_STATE_FILE, discard, resolve_resume_dir, step_checkpoints
 
 LOCK_FILE = ".mytune.lock"
 # `.tmp-<name>-<pid>` / `.old-<name>-<pid>`: atomic_directory's temporary and moved-aside dirs, prune's doomed dirs.
@@ -115,7 +114,7 @@ def remove_leftovers(output_dir: str | Path) -> list[Path]:
     removed += [path for _, step in step_checkpoints(output_dir) for path in step.iterdir()
                 if _STATE_TEMP.fullmatch(path.name)]
     for path in removed:
-        _remove(path)
+        discard(path)
     if removed:
         print(f"removed {len(removed)} leftover(s) of interrupted saves from {output_dir}: "
               f"{', '.join(path.name for path in removed)}", flush=True)
@@ -138,7 +137,7 @@ def remove_stale_cache_temps(cache_dir: str | Path, max_age_s: float = CACHE_TEM
         except OSError:  # gone already (a concurrent writer renamed it into place), or not a folder
             continue
         if now - newest > max_age_s:
-            _remove(path)
+            discard(path)
             removed.append(path)
     return removed
 
@@ -167,7 +166,7 @@ def check_checkpoints_ahead(output_dir: str | Path, resume_dir: Path | None, *, 
         why = "overwrite_output_dir=true" if overwrite else "incomplete: saves interrupted before recipe_state.pt"
         print(f"deleting {names} from {output_dir} ({why})", flush=True)
         for path in ahead:
-            _remove(path)
+            discard(path)
         return
     if resume_dir is None:
         raise MytuneError(f"output_dir {output_dir} already holds checkpoints of another run ({names}): continue it "
@@ -192,15 +191,3 @@ def claim_output_dir(output_dir: str | Path, resume_from_checkpoint: str, *, ove
         lock.release()
         raise
     return lock, resume_dir
-
-
-def _remove(path: Path) -> None:
-    """Rename out of the way first (a crash mid-delete leaves a `.old-` leftover, never a partial `step_<N>`)."""
-    if path.is_dir() and not path.name.startswith("."):
-        doomed = path.parent / f".old-{path.name}-{os.getpid()}"
-        os.replace(path, doomed)
-        path = doomed
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
