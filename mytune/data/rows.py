@@ -44,12 +44,11 @@ class RowTable:
     position: array = field(default_factory=lambda: array("q"))
     skipped: int = 0
     skip_messages: list[str] = field(default_factory=list)
-    fingerprint: list[str] = field(default_factory=list)  # identifies the data for the tokenization cache
 
     @classmethod
     def from_rows(cls, rows: list, source: str = "<rows>") -> "RowTable":
         """Rows already in memory; they are named "<source> row N (0-based)" in errors."""
-        table = cls(fingerprint=[f"rows:{id(rows)}"])
+        table = cls()
         index = table._add_source(source, "row")
         table.rows = list(rows)
         table.source_index = array("i", [index]) * len(rows)
@@ -102,21 +101,20 @@ def read_rows(path: str | Path, *, skip_bad_rows: bool = False, split: str = "tr
     elif local.exists():
         _read_file(local, table, skip_bad_rows)
     elif allow_hub and looks_like_hub_name(str(path)):
-        dataset, fingerprint = hub or open_hub_dataset(str(path), split)
-        table.fingerprint.append(fingerprint)
+        dataset, _ = hub or open_hub_dataset(str(path), split)
         _extend_tabular(dataset, f"{path} [{split}]", table)
     else:
         raise MytuneError(f"{path}: dataset file not found; check the dataset path")
     return table
 
 
-def local_fingerprint(path: str | Path) -> list[str] | None:
-    """Identity of a local file or folder's data files (path, size, mtime) without reading them; None if not local."""
+def local_data_files(path: str | Path) -> list[Path] | None:
+    """The data files a local file or folder path reads, in order, without reading them; None if not local."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return [_fingerprint_file(file) for file in data_files(local)]
+        return data_files(local)
     if local.is_file():
-        return [_fingerprint_file(local)]
+        return [local]
     return None
 
 
@@ -144,18 +142,12 @@ def looks_like_hub_name(name: str) -> bool:
     return 1 <= len(name.split("/")) <= 2 and all(part.strip() for part in name.split("/"))
 
 
-def _fingerprint_file(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def _read_file(path: Path, table: RowTable, skip_bad_rows: bool) -> None:
     kind = FILE_KINDS.get(path.suffix)
     if kind is None:
         raise MytuneError(
             f"{path}: unsupported dataset file type {path.suffix!r}; use one of {', '.join(ROW_FILE_SUFFIXES)}"
         )
-    table.fingerprint.append(_fingerprint_file(path))
     before = len(table.rows) + table.skipped
     if kind == "parquet":
         _read_parquet(path, table)

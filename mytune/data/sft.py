@@ -37,8 +37,7 @@ from mytune.data.formats import (
 from mytune.data.packing import greedy_pack
 from mytune.data.rows import (
     RowTable,
-    data_files,
-    local_fingerprint,
+    local_data_files,
     looks_like_hub_name,
     open_hub_dataset,
     read_rows,
@@ -212,18 +211,18 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
     """
     settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc, row_transform=row_transform)
-    # The data's identity before any row is read: local files by their bytes; a hub dataset once opened.
-    data_id, hub = local_fingerprint(path), None
-    if data_id is None and looks_like_hub_name(str(path)):
+    # The data's identity before any row is read: local files by their bytes (path, size and mtime survive an
+    # in-place edit: cp -p, rsync, tar); a hub dataset once opened.
+    files, hub, data_id = local_data_files(path), None, None
+    if files is None and looks_like_hub_name(str(path)):
         hub = open_hub_dataset(str(path), split)
         data_id = [hub[1]]
     key = None
     vocab_size = getattr(tokenizer, "vocab_size", None)
-    if cache_dir is not None and data_id is not None:  # (no data_id: a missing path, reported by read_rows)
+    if cache_dir is not None and (files is not None or hub is not None):  # else a missing path: read_rows says so
         cache_dir = Path(cache_dir).expanduser()
-        if hub is None:  # path, size and mtime survive an in-place edit (cp -p, rsync, tar): hash the content
-            local = Path(path).expanduser()
-            data_id = content_fingerprint([local] if local.is_file() else data_files(local))
+        if files is not None:
+            data_id = content_fingerprint(files)
         key = cache_key(data_id, tokenizer_fingerprint(tokenizer), {**settings.cache_fields(), "split": split})
         if (cached := load_entry(cache_dir, key, vocab_size=vocab_size)) is not None:
             return _from_arrays(*cached, settings, train_on_input, packed, cache="hit")
