@@ -7,27 +7,20 @@ from mytune.generation import generate, sample_next
 from tests.models.hf_reference import make_hf_model, ours_from_hf, random_tokens
 
 
-def test_greedy_matches_transformers_generate():
-    hf = make_hf_model("llama3_gqa_scaled_rope")
-    ours = ours_from_hf(hf)
-    prompt = random_tokens(batch=2, seq=12)
-    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    actual = generate(ours, prompt, max_new_tokens=32)
-    assert actual.shape == (2, 44)
-    assert torch.equal(actual, expected)
-
-
-@pytest.mark.parametrize("family", ["mistral_sliding", "qwen2_sliding"])
-def test_greedy_past_the_sliding_window_matches_transformers_generate(family):
-    """Prompt 20 + 30 new tokens with a 16-token window: both the prefill and the decoding steps cut the window."""
+@pytest.mark.parametrize("family, prompt_len, new_tokens", [
+    ("llama3_gqa_scaled_rope", 12, 32),
+    # prompt 20 + 30 new tokens with a 16-token window: both the prefill and the decoding steps cut the window
+    ("mistral_sliding", 20, 30),
+    ("qwen2_sliding", 20, 30),
+])
+def test_greedy_matches_transformers_generate(family, prompt_len, new_tokens):
     hf = make_hf_model(family)
     ours = ours_from_hf(hf)
-    prompt = random_tokens(batch=2, seq=20)
-    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    actual = generate(ours, prompt, max_new_tokens=30)
-    assert actual.shape == (2, 50)
+    prompt = random_tokens(batch=2, seq=prompt_len)
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    actual = generate(ours, prompt, max_new_tokens=new_tokens)
+    assert actual.shape == (2, prompt_len + new_tokens)
     assert torch.equal(actual, expected)
 
 
