@@ -1,8 +1,11 @@
-"""Generate the embedded demo assets: a small alpaca-style dataset and a SentencePiece tokenizer trained on it.
+"""Generate the embedded demo assets: a small alpaca-style dataset, a SentencePiece tokenizer trained on it, and
+preference pairs (a right and a wrong answer) from the same tasks.
 
 Regenerate (deterministic, idempotent: the same bytes every run) from the repository root with
 
-    python scripts/make_demo_assets.py            # writes mytune/assets/demo/{alpaca_demo.jsonl,tokenizer.model}
+    python scripts/make_demo_assets.py            # writes mytune/assets/demo/{alpaca_demo.jsonl,tokenizer.model,
+                                                  #                           preference_demo.jsonl}
+    python scripts/make_demo_assets.py --preference-only    # only preference_demo.jsonl
 
 The rows are short, template-written tasks (reverse words, sort or add numbers, capitals, plurals, opposites, ...)
 that a ~1M-parameter model can learn the shape of in about a minute on a laptop CPU. All text is generated here, so
@@ -15,6 +18,7 @@ import argparse
 import io
 import json
 import random
+import re
 import statistics
 import sys
 from collections import Counter
@@ -30,6 +34,7 @@ from mytune.data.instruct import alpaca_prompt  # noqa: E402
 DEFAULT_OUT_DIR = REPO_ROOT / "mytune" / "assets" / "demo"
 DATASET_FILE = "alpaca_demo.jsonl"
 TOKENIZER_FILE = "tokenizer.model"
+PREFERENCE_FILE = "preference_demo.jsonl"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small tables the tasks draw from.
@@ -279,9 +284,14 @@ TASKS = (
 
 def make_rows(num_rows: int, seed: int) -> list[dict]:
     """`num_rows` distinct rows drawn round-robin from the tasks; a task whose table runs out of new rows drops out."""
+    return [row for _, row in make_task_rows(num_rows, seed)]
+
+
+def make_task_rows(num_rows: int, seed: int) -> list[tuple[object, dict]]:
+    """`make_rows`' rows, each with the task that wrote it."""
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
-    rows: list[dict] = []
+    rows: list[tuple[object, dict]] = []
     misses = Counter()
     active = list(TASKS)
     while len(rows) < num_rows and active:
@@ -293,11 +303,172 @@ def make_rows(num_rows: int, seed: int) -> list[dict]:
                     active.remove(task)
                 continue
             seen.add((instruction, input_text))
-            rows.append({"instruction": instruction, "input": input_text, "output": output})
+            rows.append((task, {"instruction": instruction, "input": input_text, "output": output}))
             if len(rows) == num_rows:
                 break
     rng.shuffle(rows)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Preference pairs (mytune/assets/demo/preference_demo.jsonl): the same tasks; chosen = the answer as the SFT data
+# writes it, rejected = a plausible wrong answer of the same shape. Each wrong-answer function takes a random.Random
+# and the row, and returns a different answer of the same shape.
+
+def _other(rng: random.Random, choices, correct):
+    return rng.choice(sorted({choice for choice in choices if choice != correct}))
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    head, found, tail = text.rpartition(old)
+    assert found, (text, old)
+    return head + new + tail
+
+
+def _off_by(rng: random.Random, value: int, low: int = 0) -> int:
+    """A nearby wrong number, never below `low`."""
+    return _other(rng, [n for n in range(value - 3, value + 4) if n >= low], value)
+
+
+def _shuffled(rng: random.Random, items: list, correct: list) -> list:
+    for _ in range(20):
+        candidate = rng.sample(items, len(items))
+        if candidate != correct:
+            return candidate
+    return list(reversed(correct))
+
+
+def _wrong_number_at_end(rng, instruction, input_text, output):
+    number = re.findall(r"\d+", output)[-1]
+    return _replace_last(output, number, str(_off_by(rng, int(number))))
+
+
+def _wrong_order(separator):
+    def wrong(rng, instruction, input_text, output):
+        correct = output.split(separator)
+        return separator.join(_shuffled(rng, correct, correct))
+    return wrong
+
+
+def _wrong_pick_from_input(separator):
+    def wrong(rng, instruction, input_text, output):
+        return _other(rng, input_text.split(separator), output)
+    return wrong
+
+
+def _wrong_table_value(values):
+    def wrong(rng, instruction, input_text, output):
+        longest_first = sorted(values, key=len, reverse=True)  # "cold" before "old"
+        correct = next(value for value in longest_first if output.endswith((value, value + ".")))
+        return _replace_last(output, correct, _other(rng, values, correct))
+    return wrong
+
+
+def wrong_number_to_word(rng, instruction, input_text, output):
+    if output.isdigit():
+        return str(_off_by(rng, int(output)))
+    n = NUMBER_WORDS.index(output)
+    return NUMBER_WORDS[_other(rng, [m for m in range(n - 3, n + 4) if 0 <= m < len(NUMBER_WORDS)], n)]
+
+
+def wrong_plural(rng, instruction, input_text, output):
+    """The noun left singular (the usual slip), or another plural where the two are the same word (sheep, fish)."""
+    noun = input_text or instruction.removeprefix("What is the plural of ").removesuffix("?")
+    correct = PLURALS[noun]
+    return _replace_last(output, correct, noun if noun != correct else _other(rng, PLURALS.values(), correct))
+
+
+def wrong_spelling(rng, instruction, input_text, output):
+    letters = output.split("-")
+    drop = rng.randrange(len(letters))
+    return "-".join(letters[:drop] + letters[drop + 1:])
+
+
+def wrong_repeat(rng, instruction, input_text, output):
+    times = len(output.split())
+    return " ".join([input_text] * _other(rng, [times - 1, times + 1] if times > 2 else [times + 1], times))
+
+
+def wrong_animal_fact(rng, instruction, input_text, output):
+    if " says " in output:
+        return _wrong_table_value([sound for sound, _, _ in ANIMALS.values()])(rng, instruction, input_text, output)
+    if " has " in output:
+        legs = re.findall(r"\d+", output)[-1]
+        return _replace_last(output, f"{legs} legs", f"{_other(rng, [0, 2, 4, 6, 8], int(legs))} legs")
+    return _wrong_table_value([home for _, _, home in ANIMALS.values()])(rng, instruction, input_text, output)
+
+
+def wrong_sequence(rng, instruction, input_text, output):
+    given = [int(n) for n in input_text.split(", ")]
+    step = given[1] - given[0]
+    wrong_step = _other(rng, [s for s in range(step - 2, step + 3) if s > 0], step)
+    return ", ".join(str(given[-1] + wrong_step * i) for i in range(1, 4))
+
+
+def wrong_cycle(rng, instruction, input_text, output):
+    names = DAYS if output in DAYS else MONTHS
+    asked = next(name for name in names if instruction.endswith(f" {name}?"))
+    i = names.index(asked)
+    return names[(i - 1) % len(names)] if names[(i + 1) % len(names)] == output else names[(i + 1) % len(names)]
+
+
+WRONG_ANSWERS = {
+    reverse_words: _wrong_order(" "),
+    sort_numbers: _wrong_order(", "),
+    sort_words: _wrong_order(" "),
+    add_numbers: _wrong_number_at_end,
+    subtract_numbers: _wrong_number_at_end,
+    compare_numbers: _wrong_pick_from_input(" or "),
+    max_min: _wrong_pick_from_input(", "),
+    even_odd: lambda rng, instruction, input_text, output: "odd" if output == "even" else "even",
+    number_to_word: wrong_number_to_word,
+    uppercase: lambda rng, instruction, input_text, output: input_text,
+    capitalize_words: lambda rng, instruction, input_text, output: input_text,
+    count_letters: _wrong_number_at_end,
+    count_words: _wrong_number_at_end,
+    spell_word: wrong_spelling,
+    first_last: _wrong_pick_from_input(" "),
+    repeat_word: wrong_repeat,
+    opposite: _wrong_table_value(OPPOSITES.values()),
+    capital: _wrong_table_value(CAPITALS.values()),
+    plural: wrong_plural,
+    animal_fact: wrong_animal_fact,
+    color_of: _wrong_table_value(COLORS.values()),
+    continue_sequence: wrong_sequence,
+    next_in_cycle: wrong_cycle,
+    word_in_list: lambda rng, instruction, input_text, output: "no" if output == "yes" else "yes",
+}
+
+
+def make_preference_rows(num_rows: int, seed: int, known_words: set[str]) -> list[dict]:
+    """`num_rows` TRL standard rows {"prompt", "chosen", "rejected"} from the tasks, deterministic for a seed.
+
+    The prompt is the instruction, then a blank line and the input when there is one (as a chat template shows an
+    instruct row); chosen is the correct answer, rejected a wrong one. Rows are kept only when all their words are
+    in `known_words` (the SFT data's, which the demo tokenizer was trained on). The wrong answers draw from their own
+    random stream, so the tasks draw exactly as `make_rows` does.
+    """
+    rng = random.Random(f"{seed}:wrong answers")
+    rows = []
+    for task, row in make_task_rows(2 * num_rows, seed):
+        instruction, input_text, output = row["instruction"], row["input"], row["output"]
+        prompt = instruction + (f"\n\n{input_text}" if input_text else "")
+        if not words_of(prompt + " " + output) <= known_words:
+            continue
+        for _ in range(20):
+            wrong = WRONG_ANSWERS[task](rng, instruction, input_text, output)
+            assert wrong != output, (task.__name__, row, wrong)
+            if words_of(wrong) <= known_words:
+                rows.append({"prompt": prompt, "chosen": output, "rejected": wrong})
+                break
+        if len(rows) == num_rows:
+            break
+    assert len(rows) == num_rows, f"only {len(rows)} preference rows; lower --preference-rows"
+    return rows
+
+
+def words_of(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z]+", text))
 
 
 def train_tokenizer(rows: list[dict], vocab_size: int) -> bytes:
@@ -321,20 +492,34 @@ def train_tokenizer(rows: list[dict], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the assets")
     parser.add_argument("--num-rows", type=int, default=2000, help="dataset rows")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the rows")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size")
+    parser.add_argument("--preference-rows", type=int, default=1000, help="preference dataset rows")
+    parser.add_argument("--preference-seed", type=int, default=1, help="random seed for the preference rows")
+    parser.add_argument("--preference-only", action="store_true",
+                        help=f"write only {PREFERENCE_FILE} (leave the SFT data and the tokenizer as they are)")
     args = parser.parse_args(argv)
 
-    rows = make_rows(args.num_rows, args.seed)
-    model_bytes = train_tokenizer(rows, args.vocab_size)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / DATASET_FILE, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = make_rows(args.num_rows, args.seed)
+    known_words = set().union(*(words_of(" ".join(row.values())) for row in rows))
+    pairs = make_preference_rows(args.preference_rows, args.preference_seed, known_words)
+    write_jsonl(args.out_dir / PREFERENCE_FILE, pairs)
+    print(f"wrote {len(pairs)} preference rows to {args.out_dir / PREFERENCE_FILE}")
+    if args.preference_only:
+        return
+    model_bytes = train_tokenizer(rows, args.vocab_size)
+    write_jsonl(args.out_dir / DATASET_FILE, rows)
     (args.out_dir / TOKENIZER_FILE).write_bytes(model_bytes)
 
     processor = spm.SentencePieceProcessor(model_proto=model_bytes)

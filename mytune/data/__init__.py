@@ -19,6 +19,12 @@ from mytune.data.formats import DATASET_FORMATS, Example, RowError, detect_forma
 from mytune.data.instruct import InstructDataset, InstructTokenizer
 from mytune.data.mix import MixedDataset, build_dataset_mix, dataset_sources
 from mytune.data.packing import document_attention_mask, greedy_pack
+from mytune.data.preference import (
+    PreferenceDataset,
+    build_preference_dataset,
+    preference_collate,
+    preference_dataset_from_rows,
+)
 from mytune.data.rows import RowTable, load_rows, read_rows
 from mytune.data.sampler import ResumableDataLoader, ResumableSampler
 from mytune.data.sft import (
@@ -53,6 +59,7 @@ __all__ = [
     "LLAMA2_JINJA",
     "LLAMA3_JINJA",
     "MixedDataset",
+    "PreferenceDataset",
     "PromptRenderer",
     "Rendered",
     "ResumableDataLoader",
@@ -62,6 +69,7 @@ __all__ = [
     "SFTDataset",
     "alpaca_prompt",
     "build_dataset_mix",
+    "build_preference_dataset",
     "build_sft_dataset",
     "dataset_sources",
     "default_cache_dir",
@@ -70,6 +78,8 @@ __all__ = [
     "greedy_pack",
     "load_rows",
     "padded_collate",
+    "preference_collate",
+    "preference_dataset_from_rows",
     "read_rows",
     "sft_dataset_from_rows",
     "split_validation",
