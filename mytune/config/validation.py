@@ -112,6 +112,68 @@ def check_lora_fields(p: Any) -> None:
     resolve_lora_targets(p.lora_target_modules)
 
 
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")  # keys of a preference recipe's column_map
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
+
+
+def check_preference_fields(p: Any) -> None:
+    """The preference recipes' loss fields (loss_type, beta, label_smoothing, simpo_gamma,
+    precompute_reference_logps) and their data fields (one dataset_path, column_map, chat_template, truncation,
+    validation split): the DPO-family recipes call this instead of `check_data_fields`, whose SFT fields they lack."""
+    if p.loss_type not in PREFERENCE_LOSSES:
+        raise ConfigError(f"loss_type must be one of {', '.join(PREFERENCE_LOSSES)}, got {p.loss_type!r}")
+    if p.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {p.beta}")
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be >= 0 and < 0.5 (the assumed probability that a pair's preference "
+                          f"is flipped), got {p.label_smoothing}")
+    if p.label_smoothing > 0 and p.loss_type == "ipo":
+        raise ConfigError("label_smoothing applies to loss_type=dpo and simpo (their sigmoid loss), not to ipo: set "
+                          "label_smoothing=0 or another loss_type")
+    if p.simpo_gamma < 0:
+        raise ConfigError(f"simpo_gamma must be >= 0 (SimPO's target reward margin), got {p.simpo_gamma}")
+    if p.precompute_reference_logps and p.loss_type == "simpo":
+        raise ConfigError("precompute_reference_logps=true but loss_type=simpo uses no reference model: set "
+                          "precompute_reference_logps=false")
+    if not isinstance(p.dataset_path, str) or p.dataset_path.strip().startswith("["):
+        raise ConfigError(f"dataset_path must name one source (a file, folder or hub dataset); the preference recipes "
+                          f"do not mix datasets, got {p.dataset_path!r}")
+    for ours, theirs in p.column_map.items():
+        if ours not in PREFERENCE_COLUMNS:
+            raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
+                              f"({', '.join(PREFERENCE_COLUMNS)}), values your dataset's names for them")
+        if not isinstance(theirs, str) or not theirs:
+            raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
+    check_chat_template(p.chat_template)
+    if p.truncation not in ("truncate", "drop"):
+        raise ConfigError(f"truncation must be truncate or drop, got {p.truncation!r}")
+    check_validation_fields(p)
+
+
+def check_chat_template(chat_template: str) -> None:
+    """Empty (the tokenizer's own), a built-in template name, or a Jinja template string."""
+    is_jinja = "{{" in chat_template or "{%" in chat_template
+    if chat_template and chat_template not in CHAT_TEMPLATES and not is_jinja:
+        raise ConfigError(f"chat_template must be empty (the tokenizer's own), one of {', '.join(CHAT_TEMPLATES)} "
+                          f"or a Jinja template string, got {chat_template!r}")
+
+
+def check_validation_fields(p: Any) -> None:
+    """The held-out data: dataset_val or val_fraction (not both), how often to evaluate and how much of it."""
+    if not 0 <= p.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be >= 0 and < 1, got {p.val_fraction}")
+    if p.dataset_val and p.val_fraction > 0:
+        raise ConfigError("dataset_val and val_fraction are both set: validate on dataset_val (val_fraction=0) "
+                          "or on a fraction of dataset_path (dataset_val empty)")
+    if p.eval_every_n_steps < 0:
+        raise ConfigError(f"eval_every_n_steps must be >= 0 (0: only after the last step), got {p.eval_every_n_steps}")
+    if p.eval_every_n_steps > 0 and not (p.dataset_val or p.val_fraction > 0):
+        raise ConfigError(f"eval_every_n_steps={p.eval_every_n_steps} but there is no validation data: "
+                          "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
+    if p.max_eval_batches is not None and p.max_eval_batches < 1:
+        raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {p.max_eval_batches}")
+
+
 def check_distributed_device(p: Any) -> None:
     """FSDP runs on cpu (gloo) or cuda (each rank its cuda:LOCAL_RANK); CPU offload only makes sense from a GPU."""
     if p.device not in ("auto", "cpu", "cuda"):
@@ -130,6 +192,24 @@ def check_single_device(p: Any) -> None:
         from mytune.training.device import check_device_available
 
         check_device_available(p.device)
+
+
+def check_distillation_fields(p: Any) -> None:
+    """The teacher (a checkpoint, or a builder for a seeded random one), its dtype, kd_ratio, and the student's LoRA
+    settings when it trains with adapters (`lora_target_modules` non-empty; empty: a full fine-tune)."""
+    if not p.teacher_checkpoint_dir and not p.teacher_model:
+        raise ConfigError("teacher_checkpoint_dir is empty: set teacher_checkpoint_dir=<Hugging Face model dir of the "
+                          "teacher> (or teacher_model=<builder> for a seeded random teacher)")
+    if p.teacher_dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"teacher_dtype must be bf16 or fp32, got {p.teacher_dtype!r}")
+    if not 0 <= p.kd_ratio <= 1:
+        raise ConfigError(f"kd_ratio must be in [0, 1] (the KL's share of the loss; the CE gets 1 - kd_ratio), "
+                          f"got {p.kd_ratio}")
+    if p.lora_target_modules:
+        check_lora_fields(p)
+    elif p.quantize_base:
+        raise ConfigError("quantize_base=true quantizes the student's frozen base under LoRA adapters, but "
+                          "lora_target_modules is empty (a full fine-tune): set lora_target_modules or quantize_base=false")
 
 
 def check_float8(p: Any) -> None:

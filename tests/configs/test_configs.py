@@ -108,8 +108,11 @@ def test_config_parses_validates_and_runs(config, tiny_checkpoints, tmp_path, ca
 
     # 2. Swapped onto a tiny same-family checkpoint, the recipe runs 2 steps on CPU.
     ckpt = tiny_checkpoints(family_model(config))
+    # Preference recipes read pairs (the shipped preference demo); a distillation teacher is the same tiny model.
+    data = DEMO / ("preference_demo.jsonl" if "_dpo_" in recipe else "alpaca_demo.jsonl")
     swaps = {
-        "checkpoint_dir": ckpt, "tokenizer_path": ckpt, "model": "", "dataset_path": DEMO / "alpaca_demo.jsonl",
+        "checkpoint_dir": ckpt, "tokenizer_path": ckpt, "model": "", "dataset_path": data,
+        "teacher_checkpoint_dir": ckpt, "teacher_model": "",
         "output_dir": tmp_path / "out", "device": "cpu", "epochs": 1, "max_steps_per_epoch": 2, "max_seq_len": 128,
         "batch_size": 2, "gradient_accumulation_steps": 1, "dataset_cache_dir": tmp_path / "cache", "max_new_tokens": 4,
         # The QLoRA configs compile on GPUs; inductor on this CPU would take minutes per config. The compiled paths

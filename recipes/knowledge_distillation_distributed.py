@@ -1,0 +1,603 @@
+"""Knowledge distillation sharded over several processes with FSDP2 (one per GPU, or several CPU processes).
+
+    mytune --nproc_per_node 8 knowledge_distillation_distributed --config llama3_2_1b \\
+        --override checkpoint_dir=/models/Llama-3.2-1B-Instruct teacher_checkpoint_dir=/models/Llama-3.1-8B-Instruct
+    mytune --nproc_per_node 2 knowledge_distillation_distributed --config tiny_demo          # CPU, gloo
+
+`knowledge_distillation_single_device` adapted to FSDP2 the way `full_finetune_distributed` adapts the SFT recipe
+(the duplication is on purpose: read or copy one file). The student trains on `(1 - kd_ratio) * CE + kd_ratio *
+KL(teacher || student)` over the response tokens, both sums divided by the label tokens of the whole global batch,
+so the gradient equals the single-device gradient of that batch; the heads and both losses run `loss_chunk_size`
+tokens at a time (`mytune.training.distillation`). Differences from the single-device recipe:
+- student and teacher are each built on the meta device, each decoder layer and the root `fully_shard`ed, and filled
+  from the full state dict rank 0 reads (the student as `full_finetune_distributed` does, or with LoRA adapters as
+  `lora_finetune_distributed` does when `lora_target_modules` is non-empty);
+- the teacher is sharded in `teacher_dtype` (no mixed-precision cast: its weights are stored in the dtype they
+  compute in), frozen and in eval mode; `teacher_quantize` keeps its decoder-layer linears in NF4, quantized whole by
+  rank 0 and split by rows as the QLoRA recipe does (needs 2+ processes);
+- rank 0 tokenizes the data and checks the teacher's tokenizer (one line on every rank when it differs); a
+  `ResumableSampler` gives each rank its part of every global batch; losses and validation sums are all-reduced;
+  only rank 0 logs and writes the checkpoint files, while every rank takes part in gathering them.
+
+Checkpoints: `output_dir/step_<N>/` holds the student's Hugging Face files (the float32 master weights of a full
+student, as `full_finetune_distributed` saves them; with LoRA the merged model and `adapter/` in float32) plus
+`recipe_state.pt` (the full, unsharded optimizer state, LR schedule, RNG, data position, step and epoch), so
+`resume_from_checkpoint=latest` continues the run where it stopped. SIGTERM to any rank saves one and exits 0; a nan
+loss stops naming the last good checkpoint.
+"""
+
+import dataclasses
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mytune.checkpoint import (
+    load_hf_model,
+    load_peft_adapter,
+    read_hf_model_args,
+    save_hf_checkpoint,
+    save_peft_adapter,
+)
+from mytune.config import TuneArgumentParser, require_input_paths
+from mytune.data import (
+    ResumableDataLoader,
+    ResumableSampler,
+    build_dataset_mix,
+    build_sft_dataset,
+    default_cache_dir,
+    padded_collate,
+    split_validation,
+)
+from mytune.errors import MytuneError, run_or_exit
+from mytune.models import TransformerDecoder, model_args
+from mytune.modules.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters
+from mytune.tokenizers import load_tokenizer, write_tokenizer_files
+from mytune.training import distributed
+from mytune.training.device import DTYPES, move_batch, set_seed
+from mytune.training.distillation import (
+    check_same_tokenizer,
+    distillation_loss_sums,
+    distillation_loss_sums_from_logits,
+    quantize_teacher,
+)
+from mytune.training.layer_wrappers import (
+    activation_offloading,
+    apply_activation_checkpointing,
+    compile_layers,
+    use_activation_offloading,
+)
+from mytune.training.loss import IGNORE_INDEX, count_label_tokens, label_positions
+from mytune.training.lr_schedule import build_lr_scheduler
+from mytune.training.lifetime import StopSignals, exit_with_launcher
+from mytune.training.metrics import build_metric_loggers, truncate_metrics
+from mytune.training.optim import build_optimizer
+from mytune.training.profiling import maybe_profile, peak_memory_gib
+from mytune.training.recipe_state import (
+    apply_resume_precedence,
+    load_recipe_state,
+    params_record,
+    prune_checkpoints,
+    save_recipe_state,
+)
+from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
+from mytune.training.safety import check_finite
+from recipes.params.knowledge_distillation_distributed import KnowledgeDistillationDistributedParams
+
+ADAPTER_DIR_NAME = "adapter"
+
+
+class KnowledgeDistillationRecipeDistributed:
+    """load_checkpoint -> load_teacher -> setup -> train -> save_checkpoint -> cleanup, on every rank."""
+
+    def __init__(self, params: KnowledgeDistillationDistributedParams):
+        self.params = params
+        self.dist = distributed.init_distributed(params.device)
+        self.device = self.dist.device
+        self.is_rank_zero = self.dist.is_rank_zero
+        self.output_dir = Path(params.output_dir)
+        self.lora = bool(params.lora_target_modules)  # else the student is fine-tuned in full
+        self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32  # a LoRA student's base
+        self.global_step = 0
+        self.epoch = 0
+        # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
+        # Rank 0 also holds the output_dir's lock until cleanup and refuses to mix with another run's step_<N>.
+        self.run_lock = None
+
+        def claim():
+            self.run_lock, resume_dir = claim_output_dir(params.output_dir, params.resume_from_checkpoint,
+                                                         overwrite=params.overwrite_output_dir,
+                                                         needs=(ADAPTER_DIR_NAME,) if self.lora else ())
+            return resume_dir
+
+        self.resume_dir = distributed.decided_by_rank_zero(claim)
+        self.last_checkpoint = self.resume_dir  # the newest complete checkpoint, named when the loss turns nan
+        self.last_saved_step = None
+        self.preemption = StopSignals()  # SIGTERM or Ctrl-C -> a flag; installed while `train` runs
+        self.stop_requested = False  # any rank signalled: set by train_step, the same on every rank
+        set_seed(params.seed)  # the same seed on every rank: rank 0's random start (and adapters) and the data order
+
+    def load_checkpoint(self) -> None:
+        """The student sharded over the ranks, its weights read by rank 0 only (the tokenizer is loaded by `setup`).
+
+        Full: from the resumed `step_<N>`, from `checkpoint_dir`, or a seeded random `model`; rank 0 holds the full
+        float32 state dict on the CPU, the other ranks only learn the shapes; weights stay float32 with dtype=bf16
+        too (the FSDP mixed-precision policy casts them for compute). LoRA: rank 0 builds the float32 base (from
+        `checkpoint_dir`, or the seeded random start saved to `output_dir/base_model`), applies the adapters (seeded
+        as the single-device recipe does) and, when resuming, reads them back from the step's `adapter/`; with
+        dtype=bf16 the frozen base is stored in bf16 and the adapters stay float32 masters.
+        """
+        p = self.params
+        full_state_dict = None
+        source = p.checkpoint_dir if self.lora else (self.resume_dir or p.checkpoint_dir)
+        if source:
+            args = read_hf_model_args(source)  # config.json and generation_config.json, kept whole for the save
+            self.base_model_path = Path(source).resolve()
+        else:
+            # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
+            args = model_args(p.model)
+            args.vocab_size = self.tokenizer.vocab_size
+            args.bos_token_id, args.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+            self.base_model_path = (self.output_dir / "base_model").resolve()
+        if self.tokenizer.vocab_size > args.vocab_size:
+            raise MytuneError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
+                f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
+            )
+        if self.is_rank_zero:
+            if source:
+                cpu_model = load_hf_model(source, device="cpu", dtype=torch.float32)
+            else:
+                cpu_model = TransformerDecoder(args)  # seeded: a resumed LoRA run rebuilds the same base
+                if self.lora and (self.resume_dir is None or not self.base_model_path.is_dir()):
+                    save_hf_checkpoint(cpu_model, self.base_model_path, dtype=self.save_dtype,
+                                       tokenizer_files=self.tokenizer.files)
+            if self.lora:
+                # QLoRA: quantized as single-device QLoRA does (on the device, layer by layer): NF4 in the state dict.
+                self.apply_lora(cpu_model, device=self.device if p.quantize_base else None)
+                if self.resume_dir is not None:
+                    load_peft_adapter(cpu_model, self.resume_dir / ADAPTER_DIR_NAME)
+            full_state_dict = cpu_model.state_dict()
+            del cpu_model
+        with torch.device("meta"):
+            self.model = TransformerDecoder(args)
+        if self.lora:
+            self.apply_lora(self.model)  # the same modules on the meta device (nothing allocated, no random numbers)
+            if p.dtype == "bf16":
+                # The frozen base needs no float32 master copy (it is never updated): stored in bf16 its shards take
+                # half the memory. Adapters stay float32 masters; compute is bf16 either way.
+                for param in self.model.parameters():
+                    if not param.requires_grad and type(param.data) is torch.Tensor:  # not NF4: QLoRA keeps its own
+                        param.data = param.data.to(torch.bfloat16)
+        # Before sharding; neither changes parameter names or state-dict keys.
+        if p.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if p.compile:
+            compile_layers(self.model)
+        distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
+                               reshard_after_forward=p.fsdp_reshard_after_forward)
+        distributed.load_full_state_dict(self.model, full_state_dict, self.device)
+        del full_state_dict
+
+    def apply_lora(self, model: TransformerDecoder, device: torch.device | None = None) -> None:
+        p = self.params
+        apply_lora(model, p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
+                   use_dora=p.use_dora, quantize_base=p.quantize_base, device=device)
+
+    def load_teacher(self) -> None:
+        """The frozen teacher sharded over the ranks in `teacher_dtype`, read by rank 0: from `teacher_checkpoint_dir`
+        (rank 0 first checks its tokenizer against the student's; a mismatch fails on every rank in one line), or a
+        random `teacher_model` seeded with seed + 1 under its own RNG state (the global stream, and with it the
+        student's training, is the same as without it). With `teacher_quantize` its decoder-layer linears are NF4."""
+        p = self.params
+        if p.teacher_quantize and self.dist.world_size == 1:
+            raise MytuneError("teacher_quantize=true under FSDP needs 2 or more processes (FSDP2 does not run NF4 "
+                              "weights in a world of one); start it with torchrun, or use "
+                              "knowledge_distillation_single_device")
+        teacher_dtype = DTYPES[p.teacher_dtype]
+        full_state_dict = None
+        if p.teacher_checkpoint_dir:
+            distributed.decided_by_rank_zero(lambda: check_same_tokenizer(
+                self.tokenizer, load_tokenizer(p.teacher_checkpoint_dir),
+                student_path=p.tokenizer_path or p.checkpoint_dir, teacher_path=p.teacher_checkpoint_dir))
+            args = read_hf_model_args(p.teacher_checkpoint_dir)
+            if self.is_rank_zero:
+                teacher = load_hf_model(p.teacher_checkpoint_dir, device="cpu", dtype=teacher_dtype)
+                full_state_dict = teacher.state_dict()
+                del teacher
+        else:
+            args = model_args(p.teacher_model)
+            args.vocab_size = self.tokenizer.vocab_size
+            args.bos_token_id, args.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+            if self.is_rank_zero:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(p.seed + 1)
+                    full_state_dict = TransformerDecoder(args).to(teacher_dtype).state_dict()
+        if args.vocab_size < self.model.args.vocab_size:
+            raise MytuneError(f"the teacher's embedding has {args.vocab_size} rows, fewer than the student's "
+                              f"{self.model.args.vocab_size}: the teacher cannot score every student token")
+        with torch.device("meta"):
+            self.teacher = TransformerDecoder(args).to(teacher_dtype)
+        if p.teacher_quantize:
+            quantize_teacher(self.teacher)  # NF4 on the meta device; rank 0's float weights are quantized whole
+        self.teacher.requires_grad_(False)
+        # No mixed-precision policy: the shards are stored in the dtype they compute in.
+        distributed.shard_model(self.teacher, bf16=False, cpu_offload=p.cpu_offload)
+        distributed.load_full_state_dict(self.teacher, full_state_dict, self.device)
+        del full_state_dict
+        self.teacher.eval()
+        self.teacher.attention_backend = p.attention_backend
+
+    def setup(self) -> None:
+        p = self.params
+        # Tokenizer and data before the models: a bad dataset row fails in seconds, not after the weights are read.
+        self.tokenizer = load_tokenizer(p.tokenizer_path or p.checkpoint_dir)
+        self.setup_data()
+        self.load_checkpoint()
+        self.load_teacher()
+        self.model.train()
+        self.model.attention_backend = p.attention_backend  # "auto": flex for packed rows on CUDA
+        self.offload_activations = use_activation_offloading(p.activation_offloading, self.device)
+        # The chunked loss multiplies by lm_head's weight itself, which would skip an adapter on lm_head.
+        self.chunked_loss = p.chunked_loss and not isinstance(self.model.lm_head, LoRALinear)
+
+        self.steps_per_epoch = len(self.dataloader) // p.gradient_accumulation_steps
+        if p.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, p.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise MytuneError(
+                f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
+                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+            )
+        self.total_steps = self.steps_per_epoch * p.epochs
+
+        # LoRA: only the adapters train; the frozen base gets neither gradients nor optimizer state.
+        self.trainable = trainable_parameters(self.model) if self.lora else list(self.model.parameters())
+        self.optimizer = build_optimizer(self.trainable, p.optimizer, lr=p.lr, weight_decay=p.weight_decay,
+                                         device=self.device)  # not fused with cpu_offload: parameters on the CPU
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, schedule=p.lr_scheduler, warmup_steps=p.warmup_steps, total_steps=self.total_steps
+        )
+        if self.resume_dir is not None:
+            # Every rank (a collective): rank 0 reads the file and scatters the optimizer state into the shards.
+            # Last: the RNG streams are set back to where the interrupted run was after its step.
+            state = load_recipe_state(self.resume_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                      model=self.model)
+            self.global_step, self.epoch = state.global_step, state.epoch
+            self.dataloader.load_state_dict(state.dataloader_state)
+            self.last_saved_step = self.global_step
+            # What the config and command line say now beats the checkpoint (lr, weight decay, schedule).
+            changed = apply_resume_precedence(self.optimizer, self.lr_scheduler, saved=state.extra.get("params"),
+                                              current=params_record(p, total_steps=self.total_steps),
+                                              checkpoint_dir=self.resume_dir, global_step=self.global_step)
+            if self.is_rank_zero:
+                print(f"resumed from {self.resume_dir} at step {self.global_step}", flush=True)
+                if changed:
+                    print(f"changed since the checkpoint (the new values apply): {', '.join(changed)}", flush=True)
+                if self.global_step == self.total_steps:
+                    print(f"{self.resume_dir} is the last step ({self.total_steps}): nothing left to train", flush=True)
+        if self.is_rank_zero:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)  # one row per step after a resume
+            self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
+                                                      config=dataclasses.asdict(p))
+            n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
+            n_trainable = sum(t.numel() for t in self.trainable)
+            n_teacher = sum(t.numel() for t in self.teacher.parameters())
+            student = (f"LoRA rank {p.lora_rank} on {', '.join(p.lora_target_modules)}: " if self.lora else "") + \
+                f"{n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M params"
+            print(
+                f"knowledge_distillation_distributed: student {student} in {p.dtype}, teacher {n_teacher / 1e6:.2f}M "
+                f"params in {'nf4/' if p.teacher_quantize else ''}{p.teacher_dtype}, sharded over "
+                f"{self.dist.world_size} process(es) on {self.device.type}, kd_ratio {p.kd_ratio}, {self.total_steps} "
+                f"steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
+                flush=True,
+            )
+
+    def setup_data(self) -> None:
+        """Tokenized datasets, a validation split, and loaders that give each rank its own shard.
+
+        Rank 0 tokenizes first and writes the on-disk cache; the other ranks then load it from there instead of
+        tokenizing again (with dataset_cache_dir=off they tokenize after rank 0). A bad row is reported once, by rank 0.
+        Items are samples, or packed rows of several samples when `packed`; batches hold `tokens` and `labels` (and
+        `position_ids` / `document_ids` when packed). The sampler's state (epoch, samples consumed by all ranks) is
+        what a checkpoint needs to resume the data where it stopped: `self.dataloader.state_dict()`.
+        """
+        p = self.params
+        cache_dir = None if p.dataset_cache_dir == "off" else (p.dataset_cache_dir or default_cache_dir())
+        if cache_dir is not None and self.is_rank_zero:
+            remove_stale_cache_temps(cache_dir)  # killed tokenizations' temporary folders
+        build = partial(
+            build_sft_dataset,
+            tokenizer=self.tokenizer,
+            max_seq_len=p.max_seq_len,
+            dataset_format=None if p.dataset_format == "auto" else p.dataset_format,
+            column_map=p.column_map,
+            chat_template=p.chat_template or None,
+            train_on_input=p.train_on_input,
+            truncation=p.truncation,
+            packed=p.packed,
+            skip_bad_rows=p.skip_bad_rows,
+            row_transform=p.row_transform or None,
+            cache_dir=cache_dir,
+        )
+
+        def build_all():
+            train = build_dataset_mix(build, p.dataset_path, weights=p.dataset_weights, formats=p.dataset_formats,
+                                      column_maps=p.column_maps)
+            return train, (build(p.dataset_val) if p.dataset_val else None)
+
+        error = None
+        if self.is_rank_zero:
+            try:
+                dataset, val_dataset = build_all()
+            except MytuneError as err:
+                error = err
+        (failed,) = distributed.all_reduce_sum([float(error is not None)], self.device)  # the barrier: rank 0 is done
+        if error is not None:
+            raise error
+        if failed:  # rank 0 reports the error (one line for the whole job) and exits; torchrun then stops this rank
+            time.sleep(30)  # rather than exit first: torchrun would then report this rank and not rank 0's error
+            raise SystemExit(2)
+        if not self.is_rank_zero:
+            dataset, val_dataset = build_all()  # from the cache rank 0 wrote
+        if self.is_rank_zero:
+            report_dataset("dataset_path", dataset)
+            if val_dataset is not None:
+                report_dataset("dataset_val", val_dataset)
+        if val_dataset is None and p.val_fraction > 0:
+            dataset, val_dataset = split_validation(dataset, p.val_fraction, seed=p.seed)  # the same split on all ranks
+            if self.is_rank_zero:
+                print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
+                      f"training: {dataset.num_samples}", flush=True)
+
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
+        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
+        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+                                   seed=p.seed)
+        # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
+        pin = self.device.type == "cuda"
+        self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate,
+                                              pin_memory=pin)
+        self.val_dataloader = None
+        if val_dataset is not None:
+            # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
+            # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
+            # leaves the repeated samples out of the loss.
+            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+                                           shuffle=False, drop_last=False)
+            self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
+                                             collate_fn=collate, pin_memory=pin)
+
+    def train(self) -> None:
+        """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
+        checkpoint every `save_every_n_steps`. On SIGTERM or Ctrl-C to any rank (preemption) every rank stops after the
+        same step, they save a checkpoint together and return early: `recipe_main` then finds it saved, exit 0."""
+        p = self.params
+        # A resumed run starts in the epoch and at the step where it stopped; its data loader continues there too.
+        first_epoch, steps_done = divmod(self.global_step, self.steps_per_epoch)
+        with (tqdm(total=self.total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
+                   disable=not self.is_rank_zero) as progress,
+              self.preemption,
+              maybe_profile(p.profile, self.output_dir, active=p.profile_steps) as profiler):
+            for epoch in range(first_epoch, p.epochs):
+                self.epoch = epoch
+                self.dataloader.set_epoch(epoch)  # this epoch's shuffle (a resumed epoch continues where it stopped)
+                batches = iter(self.dataloader)
+                for _ in range(self.steps_per_epoch - (steps_done if epoch == first_epoch else 0)):
+                    step_start = time.perf_counter()
+                    metrics = self.train_step([next(batches) for _ in range(p.gradient_accumulation_steps)])
+                    profiler.step()
+
+                    seconds = time.perf_counter() - step_start
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", kd=f"{metrics['kd_loss']:.4f}",
+                                         tok_s=f"{tokens_per_s:.0f}")
+                    last_step = self.global_step == self.total_steps
+                    evaluate = self.val_dataloader is not None and (
+                        last_step or (p.eval_every_n_steps > 0 and self.global_step % p.eval_every_n_steps == 0)
+                    )
+                    metrics.update(epoch=epoch, tokens_per_s=tokens_per_s, peak_memory_gib=peak_memory_gib(self.device))
+                    if evaluate:  # on every rank: the sharded forwards are collectives
+                        metrics.update(self.evaluate())
+                        if self.is_rank_zero:
+                            progress.write(f"step {self.global_step}: val_loss {metrics['val_loss']:.4f} "
+                                           f"(ce {metrics['val_ce_loss']:.4f}, kd {metrics['val_kd_loss']:.4f})")
+                    if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
+                        self.metric_logger.log(metrics)
+                    if self.stop_requested:  # the same on every rank: train_step's loss all-reduce carried the flag
+                        if self.is_rank_zero:
+                            progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
+                                           f"stopping (resume with resume_from_checkpoint=latest)")
+                        self.save_checkpoint()
+                        return
+                    if not last_step and p.save_every_n_steps > 0 and self.global_step % p.save_every_n_steps == 0:
+                        self.save_checkpoint()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
+        are the same on every rank (losses and token counts summed over the ranks)."""
+        p = self.params
+        world_size = self.dist.world_size
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
+        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device
+        )
+        micro_losses = []  # (ce, kd) read after the loop: one device sync per step, not one per micro-batch
+        for batch in micro_batches:
+            batch = move_batch(batch, self.device)
+            with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
+                ce, kd = (loss / max(num_label_tokens, 1) for loss in self.loss_sums(batch))
+            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
+            (((1 - p.kd_ratio) * ce + p.kd_ratio * kd) * world_size).backward()
+            micro_losses.append(torch.stack([ce.detach(), kd.detach()]))
+        local_ce, local_kd = torch.stack(micro_losses).sum(0).tolist()
+        # The preemption flag rides on the loss all-reduce the step does anyway: every rank learns whether any rank
+        # was signalled (SIGTERM) without a collective of its own, so all stop after the same step.
+        ce_loss, kd_loss, signalled = distributed.all_reduce_sum(
+            [local_ce, local_kd, float(self.preemption.should_stop)], self.device
+        )
+        self.stop_requested = signalled > 0
+        step_loss = (1 - p.kd_ratio) * ce_loss + p.kd_ratio * kd_loss
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
+        # The same value on every rank, so all ranks raise together; before the optimizer step.
+        check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
+        grad_norm = None
+        if p.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        return {"step": self.global_step, "loss": step_loss, "ce_loss": ce_loss, "kd_loss": kd_loss, "lr": lr,
+                "grad_norm": grad_norm, "num_tokens": int(num_input_tokens)}
+
+    def loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE sum, KL(teacher || student) sum) of this rank's batch over its labelled positions, float32. Packed
+        rows also pass their position and document ids, to both models.
+
+        With `chunked_loss` both models return their final hidden states and the two heads run inside the loss,
+        `loss_chunk_size` tokens at a time. FSDP keeps each root's parameters (the heads among them) gathered after
+        the root's forward, so both `lm_head.weight`s are full weights here. When the student's lm_head is a LoRA
+        target the loss is unchunked (the projection must go through the adapter).
+        """
+        p = self.params
+        kwargs = {"position_ids": batch.get("position_ids"), "document_ids": batch.get("document_ids")}
+        with torch.no_grad():
+            teacher_hidden = self.teacher(batch["tokens"], return_hidden=True, **kwargs)
+            teacher_head = full_weight(self.teacher.lm_head.weight)
+        if self.chunked_loss:
+            hidden = self.model(batch["tokens"], return_hidden=True, **kwargs)
+            return distillation_loss_sums(hidden, self.model.lm_head.weight, teacher_hidden, teacher_head,
+                                          batch["labels"], chunk_size=p.loss_chunk_size,
+                                          positions=batch["label_positions"])
+        with torch.no_grad():
+            teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_head)
+        return distillation_loss_sums_from_logits(self.model(batch["tokens"], **kwargs), teacher_logits,
+                                                  batch["labels"])
+
+    def evaluate(self) -> dict[str, float]:
+        """The loss, its CE and KL parts per label token over the validation set (its first `max_eval_batches`
+        batches per rank), and the CE's perplexity. Each rank sums its shard; the sums are added over all ranks."""
+        p = self.params
+        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        self.model.eval()
+        ce_sum, kd_sum, num_label_tokens = 0.0, 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.val_dataloader):
+                if p.max_eval_batches is not None and index >= p.max_eval_batches:
+                    break
+                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
+                # its end are the wrap-around repeats: no loss on them.
+                first = index * p.batch_size
+                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                batch["labels"][positions >= num_items] = IGNORE_INDEX
+                batch["label_positions"] = label_positions(batch["labels"])
+                batch = move_batch(batch, self.device)
+                ce, kd = self.loss_sums(batch)
+                ce_sum, kd_sum = ce_sum + ce.item(), kd_sum + kd.item()
+                num_label_tokens += count_label_tokens(batch["labels"])
+        self.model.train()
+        ce_sum, kd_sum, num_label_tokens = distributed.all_reduce_sum([ce_sum, kd_sum, num_label_tokens], self.device)
+        ce_loss, kd_loss = ce_sum / max(num_label_tokens, 1), kd_sum / max(num_label_tokens, 1)
+        return {"val_loss": (1 - p.kd_ratio) * ce_loss + p.kd_ratio * kd_loss, "val_ce_loss": ce_loss,
+                "val_kd_loss": kd_loss, "val_perplexity": math.exp(ce_loss) if ce_loss < 700 else math.inf,
+                "val_tokens": int(num_label_tokens)}
+
+    def save_checkpoint(self) -> Path:
+        """`output_dir/step_<N>`: every rank gathers the student's weights and rank 0 writes the Hugging Face layout
+        (atomically; a full student's float32 master weights, or a LoRA student merged, with its PEFT adapter in
+        float32 in `adapter/`); then every rank gathers the sharded optimizer state and rank 0 writes
+        `recipe_state.pt` (via a temporary file and a rename: a `step_<N>` with recipe_state.pt is complete) and keeps
+        the newest `keep_last_n_checkpoints`. Saving the same step twice (a preemption right after a periodic save)
+        writes nothing. The teacher is not saved: it did not change."""
+        p = self.params
+        out_dir = self.output_dir / f"step_{self.global_step}"
+        if self.last_saved_step == self.global_step:
+            return out_dir
+        # NF4 weights (QLoRA) come back whole; the CPU model gets the same adapters before the tensors go in.
+        full_model = distributed.gather_full_model(self.model, prepare=self.apply_lora if self.lora else None)
+        if self.is_rank_zero:
+            if self.lora:
+                merged = merge_lora(full_model)
+                save_hf_checkpoint(merged, out_dir, dtype=self.save_dtype)
+                del merged
+            else:
+                save_hf_checkpoint(full_model, out_dir, dtype=torch.float32)  # the master weights, exactly
+            write_tokenizer_files(self.tokenizer, out_dir)
+            if self.lora:
+                save_peft_adapter(
+                    full_model, out_dir / ADAPTER_DIR_NAME, base_model_name_or_path=str(self.base_model_path),
+                    targets=p.lora_target_modules, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout,
+                    use_dora=p.use_dora, dtype=torch.float32,
+                )
+        del full_model
+        save_recipe_state(out_dir, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, model=self.model,
+                          dataloader_state=self.dataloader.state_dict(), global_step=self.global_step,
+                          epoch=self.epoch, extra={"params": params_record(p, total_steps=self.total_steps)})
+        self.last_saved_step, self.last_checkpoint = self.global_step, out_dir
+        if self.is_rank_zero:
+            if p.keep_last_n_checkpoints is not None:
+                prune_checkpoints(self.output_dir, p.keep_last_n_checkpoints, protect=out_dir)
+            print(f"saved checkpoint to {out_dir}" + (f" (PEFT adapter in {out_dir / ADAPTER_DIR_NAME})"
+                                                      if self.lora else ""), flush=True)
+        distributed.barrier()  # no rank returns before the checkpoint exists
+        return out_dir
+
+    def cleanup(self) -> None:
+        if self.is_rank_zero:
+            self.metric_logger.close()
+            self.run_lock.release()
+        distributed.destroy_distributed()
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A root parameter as one plain tensor: FSDP leaves the root's gathered after its forward, but should it hand
+    back a shard (a DTensor), gather it."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def report_dataset(field: str, dataset) -> None:
+    """One line of counts (samples, tokens, truncated, dropped, bad rows skipped, cache), and the first skipped rows."""
+    print(f"{field}: {dataset.summary()}", flush=True)
+    for message in dataset.stats.get("skipped_examples", []):
+        print(f"  skipped {message}", flush=True)
+
+
+def recipe_main(params: KnowledgeDistillationDistributedParams) -> Path:
+    """Run the whole recipe on this rank; returns the directory of the saved student checkpoint."""
+    exit_with_launcher()  # under torchrun: stop (saving) when the launcher dies
+    require_input_paths(params)  # hub dataset names (owner/name) are not missing paths
+    recipe = None
+    try:
+        recipe = KnowledgeDistillationRecipeDistributed(params)
+        recipe.setup()
+        recipe.train()
+        out_dir = recipe.save_checkpoint()
+    except MytuneError:
+        distributed.destroy_distributed()  # leave the group before exiting: a live gloo group can abort the exit
+        raise
+    finally:
+        if recipe is not None and recipe.run_lock is not None:
+            recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
+    recipe.cleanup()
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = TuneArgumentParser(KnowledgeDistillationDistributedParams, recipe=__file__)
+    recipe_main(parser.parse_params(argv))
+
+
+if __name__ == "__main__":
+    run_or_exit(main, prog="knowledge_distillation_distributed")
