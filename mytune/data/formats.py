@@ -97,30 +97,30 @@ def to_example(row: object, dataset_format: str, column_map: Mapping[str, str]) 
         return _instruct(row, column_map)
     if dataset_format == "chat":
         return _chat(row, column_map)
-    return Example("text", text=_string(row, "text", column_map, required=True))
+    return Example("text", text=string_column(row, "text", column_map, required=True))
 
 
 def _column_list(dataset_format: str, column_map: Mapping[str, str]) -> str:
     return "/".join(column_map.get(column, column) for column in FORMAT_COLUMNS[dataset_format])
 
 
-def _label(column: str, column_map: Mapping[str, str]) -> str:
+def column_label(column: str, column_map: Mapping[str, str]) -> str:
     theirs = column_map.get(column, column)
     return repr(theirs) if theirs == column else f"{theirs!r} (mapped from {column!r})"
 
 
-def _string(row: Mapping, column: str, column_map: Mapping[str, str], *, required: bool) -> str:
+def string_column(row: Mapping, column: str, column_map: Mapping[str, str], *, required: bool) -> str:
     theirs = column_map.get(column, column)
     if theirs not in row:
         if not required:
             return ""
         present = ", ".join(map(str, row)) or "none"
-        raise RowError(f"missing column {_label(column, column_map)} (columns present: {present})")
+        raise RowError(f"missing column {column_label(column, column_map)} (columns present: {present})")
     value = row[theirs]
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise RowError(f"column {_label(column, column_map)} must be a string, "
+        raise RowError(f"column {column_label(column, column_map)} must be a string, "
                        f"got {type(value).__name__}: {value!r:.60}")
     return value
 
@@ -130,15 +130,15 @@ def _instruct(row: Mapping, column_map: Mapping[str, str]) -> Example:
         if column_map.get(column, column) not in row:
             present = ", ".join(map(str, row)) or "none"
             raise RowError(
-                f"missing column {_label(column, column_map)} (columns present: {present}); "
+                f"missing column {column_label(column, column_map)} (columns present: {present}); "
                 f"each row needs string columns {_column_list('instruct', column_map).replace('/', ', ')} "
                 "(the input is optional)"
             )
     return Example(
         "instruct",
-        instruction=_string(row, "instruction", column_map, required=True),
-        input=_string(row, "input", column_map, required=False),
-        output=_string(row, "output", column_map, required=True),
+        instruction=string_column(row, "instruction", column_map, required=True),
+        input=string_column(row, "input", column_map, required=False),
+        output=string_column(row, "output", column_map, required=True),
     )
 
 

@@ -44,15 +44,15 @@ from torch.utils.data import Dataset
 from mytune.data.cache import cache_key, content_fingerprint, load_entry, save_entry, tokenizer_fingerprint, warn
 from mytune.data.collate import padded_collate
 from mytune.data.encoding import special_token_strings
-from mytune.data.formats import Example, RowError, _label, _string, to_example
+from mytune.data.formats import Example, RowError, column_label, string_column, to_example
 from mytune.data.rows import RowTable, local_data_files, looks_like_hub_name, open_hub_dataset, read_rows
 from mytune.data.sft import (
     CROSS_ENTROPY_IGNORE_INDEX,
-    _check_settings,
-    _Job,
-    _num_workers,
-    _run_job,
-    _Settings,
+    DataSettings,
+    TokenizeJob,
+    check_settings,
+    run_tokenize_job,
+    tokenizer_workers,
 )
 from mytune.data.templates import PromptRenderer, Rendered, resolve_template
 from mytune.errors import ConfigError, MytuneError
@@ -197,9 +197,9 @@ def preference_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: 
 
 
 def _preference_settings(max_seq_len, column_map, chat_template, skip_bad_rows, truncation, num_proc,
-                         source: str = "") -> _Settings:
+                         source: str = "") -> DataSettings:
     """SFT's setting checks, with the preference column map (prompt/chosen/rejected) checked here."""
-    settings = _check_settings(max_seq_len, None, None, chat_template, skip_bad_rows, truncation, num_proc,
+    settings = check_settings(max_seq_len, None, None, chat_template, skip_bad_rows, truncation, num_proc,
                                source=source)
     settings.column_map = check_preference_column_map(column_map)
     return settings
@@ -221,7 +221,7 @@ def check_preference_column_map(column_map: Mapping[str, str] | None) -> dict[st
     return dict(column_map)
 
 
-def _dataset(tokens, targets, offsets, meta, settings: _Settings, *, cache: str, key: str | None) -> PreferenceDataset:
+def _dataset(tokens, targets, offsets, meta, settings: DataSettings, *, cache: str, key: str | None) -> PreferenceDataset:
     return PreferenceDataset(tokens, targets, offsets, max_seq_len=settings.max_seq_len,
                              stats={**meta, "cache": cache}, cache_key=key)
 
@@ -283,8 +283,8 @@ def to_pair(row: object, preference_format: str, column_map: Mapping[str, str]) 
     if not isinstance(row, Mapping):
         raise RowError(f"expected an object with columns {', '.join(PREFERENCE_COLUMNS)}, got {type(row).__name__}")
     if preference_format == "standard":
-        prompt = _string(row, "prompt", column_map, required=True)
-        chosen, rejected = (_string(row, side, column_map, required=True) for side in ("chosen", "rejected"))
+        prompt = string_column(row, "prompt", column_map, required=True)
+        chosen, rejected = (string_column(row, side, column_map, required=True) for side in ("chosen", "rejected"))
         return (Side(Example("instruct", instruction=prompt, output=chosen)),
                 Side(Example("instruct", instruction=prompt, output=rejected)))
     if preference_format == "conversational":
@@ -307,10 +307,10 @@ def _messages(row: Mapping, column: str, column_map: Mapping[str, str], *,
     theirs = column_map.get(column, column)
     if theirs not in row:
         present = ", ".join(map(str, row)) or "none"
-        raise RowError(f"missing column {_label(column, column_map)} (columns present: {present})")
+        raise RowError(f"missing column {column_label(column, column_map)} (columns present: {present})")
     turns = row[theirs]
     if not isinstance(turns, list) or not turns:
-        raise RowError(f"column {_label(column, column_map)} must be a non-empty list of messages, got "
+        raise RowError(f"column {column_label(column, column_map)} must be a non-empty list of messages, got "
                        f"{type(turns).__name__}: {turns!r:.60}")
     sharegpt = isinstance(turns[0], Mapping) and "from" in turns[0] and "role" not in turns[0]
     role_key, content_key, chat_column = ("from", "value", "conversations") if sharegpt else \
@@ -320,7 +320,7 @@ def _messages(row: Mapping, column: str, column_map: Mapping[str, str], *,
     if prompt:
         return messages[:-1]
     if messages[-1][0] != "assistant":
-        raise RowError(f"column {_label(column, column_map)} must end in an assistant message (the response), "
+        raise RowError(f"column {column_label(column, column_map)} must end in an assistant message (the response), "
                        f"got a {messages[-1][0]} message last")
     return messages
 
@@ -331,7 +331,7 @@ def _split_shared_prefix(row: Mapping, column_map: Mapping[str, str]):
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    names = " and ".join(_label(side, column_map) for side in ("chosen", "rejected"))
+    names = " and ".join(column_label(side, column_map) for side in ("chosen", "rejected"))
     if shared == 0:
         raise RowError(f"{names} share no first message, so there is no prompt; give the conversations the same "
                        "prompt messages (or the prompt in its own 'prompt' column)")
@@ -342,12 +342,12 @@ def _split_shared_prefix(row: Mapping, column_map: Mapping[str, str]):
         user = next((i for i in range(shared, len(messages)) if messages[i][0] in ("user", "system")), None)
         if user is not None:
             raise RowError(f"{names} differ before their final assistant turn(s): message {user} of "
-                           f"{_label(side, column_map)} is a {messages[user][0]} message after the shared prompt")
+                           f"{column_label(side, column_map)} is a {messages[user][0]} message after the shared prompt")
     return chosen[:shared], [chosen[shared:], rejected[shared:]]
 
 
 # ---- tokenizing and fitting ------------------------------------------------------------------------------------------
-def _tokenize_pairs(table: RowTable, tokenizer: object, settings: _Settings,
+def _tokenize_pairs(table: RowTable, tokenizer: object, settings: DataSettings,
                     source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Validate every row, tokenize both sides (sft.py's workers), fit each pair; returns (tokens, targets, offsets,
     stats) with pair i at samples 2i (chosen) and 2i + 1 (rejected)."""
@@ -370,8 +370,8 @@ def _tokenize_pairs(table: RowTable, tokenizer: object, settings: _Settings,
     bos_token, eos_token = special_token_strings(tokenizer)
     renderer = ResponseRenderer(PromptRenderer(template, bos_token=bos_token, eos_token=eos_token))
     # Full sequences first (no cut: SFT's truncation is per sample), fitted per pair below.
-    job = _Job(sides, renderer, tokenizer, sys.maxsize, "truncate", settings.skip_bad_rows)
-    results = _run_job(job, _num_workers(settings.num_proc, len(sides)))
+    job = TokenizeJob(sides, renderer, tokenizer, sys.maxsize, "truncate", settings.skip_bad_rows)
+    results = run_tokenize_job(job, tokenizer_workers(settings.num_proc, len(sides)))
     reported: set[int] = set()
     for result in results:
         for index, message in result.errors:

@@ -143,8 +143,11 @@ class SFTDataset(Dataset):
                 f"tokenization cache: {s.get('cache', 'off')})")
 
 
-def split_validation(dataset: SFTDataset, val_fraction: float, *, seed: int = 0) -> tuple[SFTDataset, SFTDataset]:
+def split_validation(dataset: Dataset, val_fraction: float, *, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Split samples (before packing: packs are rebuilt on each side) into (train, validation) at random.
+
+    Any dataset with `num_samples` and `subset(indices)` splits: an `SFTDataset`, a `PreferenceDataset` (its
+    samples are pairs), or a mix (each source split on its own).
 
     `round(val_fraction * num_samples)` samples, at least one, go to validation; both keep the original order.
     The same seed and data give the same split on every rank and every resume.
@@ -166,7 +169,7 @@ def split_validation(dataset: SFTDataset, val_fraction: float, *, seed: int = 0)
 
 # ---- building --------------------------------------------------------------------------------------------------------
 @dataclass
-class _Settings:
+class DataSettings:
     max_seq_len: int
     dataset_format: str | None
     column_map: dict
@@ -209,7 +212,7 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
     - `row_transform`: `module:function` (or a callable) applied to each raw row before format detection; it returns
       an instruct, chat or text row (see transform.py). Its source code is part of the cache key.
     """
-    settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
+    settings = check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc, row_transform=row_transform)
     # The data's identity before any row is read: local files by their bytes (path, size and mtime survive an
     # in-place edit: cp -p, rsync, tar); a hub dataset once opened.
@@ -241,7 +244,7 @@ def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, so
                           packed: bool = False, skip_bad_rows: bool = False, truncation: str = "truncate",
                           num_proc: int | None = 1, row_transform: str | Callable | None = None) -> SFTDataset:
     """`build_sft_dataset` for rows already in memory (errors name them "<source> row N (0-based)"); no cache."""
-    settings = _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
+    settings = check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc, source=source, row_transform=row_transform)
     if not rows:
         raise MytuneError(f"{source}: no rows; the dataset needs at least one row")
@@ -249,8 +252,8 @@ def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, so
     return _from_arrays(*arrays, settings, train_on_input, packed, cache="off")
 
 
-def _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation, num_proc,
-                    source: str = "", row_transform: str | Callable | None = None) -> _Settings:
+def check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation, num_proc,
+                    source: str = "", row_transform: str | Callable | None = None) -> DataSettings:
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}max_seq_len must be an integer >= 2, got {max_seq_len!r}")
@@ -258,18 +261,18 @@ def _check_settings(max_seq_len, dataset_format, column_map, chat_template, skip
         raise ConfigError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got {truncation!r}")
     if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise ConfigError(f"num_proc must be an integer >= 1 or null (automatic), got {num_proc!r}")
-    return _Settings(max_seq_len, check_dataset_format(dataset_format), check_column_map(column_map),
+    return DataSettings(max_seq_len, check_dataset_format(dataset_format), check_column_map(column_map),
                      chat_template, bool(skip_bad_rows), truncation, num_proc, load_row_transform(row_transform))
 
 
-def _from_arrays(tokens, targets, offsets, meta, settings: _Settings, train_on_input: bool, packed: bool,
+def _from_arrays(tokens, targets, offsets, meta, settings: DataSettings, train_on_input: bool, packed: bool,
                  cache: str) -> SFTDataset:
     stats = {**meta, "cache": cache}
     return SFTDataset(tokens, targets, offsets, max_seq_len=settings.max_seq_len, train_on_input=train_on_input,
                       packed=packed, stats=stats)
 
 
-def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
+def _tokenize_table(table: RowTable, tokenizer: object, settings: DataSettings,
                     source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Validate every row, then tokenize; returns (tokens, targets, offsets, stats)."""
     if not table.rows:
@@ -304,9 +307,9 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
 
     template = resolve_template(settings.chat_template, tokenizer, dataset_format)
     bos_token, eos_token = special_token_strings(tokenizer)
-    job = _Job(examples, PromptRenderer(template, bos_token=bos_token, eos_token=eos_token), tokenizer,
+    job = TokenizeJob(examples, PromptRenderer(template, bos_token=bos_token, eos_token=eos_token), tokenizer,
                settings.max_seq_len, settings.truncation, settings.skip_bad_rows)
-    results = _run_job(job, _num_workers(settings.num_proc, len(examples)))
+    results = run_tokenize_job(job, tokenizer_workers(settings.num_proc, len(examples)))
 
     lengths = np.concatenate([r.lengths for r in results])
     for result in results:
@@ -333,7 +336,7 @@ def _tokenize_table(table: RowTable, tokenizer: object, settings: _Settings,
     return tokens, targets, offsets, meta
 
 
-def _transform_rows(table: RowTable, settings: _Settings) -> list[dict | None]:
+def _transform_rows(table: RowTable, settings: DataSettings) -> list[dict | None]:
     """Each raw row through the row transform; a row it raises on or turns into a non-dict is a bad row (None)."""
     transform = settings.row_transform
     rows: list[dict | None] = []
@@ -360,7 +363,7 @@ _ERROR, _DROPPED = -1, -2
 
 
 @dataclass
-class _Job:
+class TokenizeJob:
     examples: list
     renderer: PromptRenderer
     tokenizer: object
@@ -378,11 +381,11 @@ class _Result:
     errors: list = field(default_factory=list)
 
 
-_WORKER_JOB: _Job | None = None
+_WORKER_JOB: TokenizeJob | None = None
 _WORKER_ENCODER: TextEncoder | None = None
 
 
-def _set_worker_job(job: _Job | None, in_worker: bool = False) -> None:
+def _set_worker_job(job: TokenizeJob | None, in_worker: bool = False) -> None:
     global _WORKER_JOB, _WORKER_ENCODER
     if in_worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -422,14 +425,14 @@ def _tokenize_range(bounds: tuple[int, int]) -> _Result:
     return result
 
 
-def _num_workers(num_proc: int | None, num_rows: int) -> int:
+def tokenizer_workers(num_proc: int | None, num_rows: int) -> int:
     if num_proc is not None:
         return num_proc
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(cores, 8) if num_rows >= PARALLEL_MIN_ROWS else 1
 
 
-def _run_job(job: _Job, num_workers: int) -> list[_Result]:
+def run_tokenize_job(job: TokenizeJob, num_workers: int) -> list[_Result]:
     n = len(job.examples)
     if num_workers <= 1 or n < 2:
         _set_worker_job(job)
