@@ -178,9 +178,11 @@ class Attention(nn.Module):
         attend; SDPA) or a `BlockMask` (flex attention). It cannot be combined with a KV cache.
         """
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        # The head counts come from the projections' widths (-1), not from num_heads / num_kv_heads: under tensor
+        # parallelism each rank projects to its own share of the heads (`training.tensor_parallel`).
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -198,7 +200,7 @@ class Attention(nn.Module):
                 num_past = kv_cache.seq_len
                 k, v = kv_cache.update(layer_idx, k, v)
             out = self._attend(q, k, v, num_past)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_past: int) -> torch.Tensor:
         """Causal (sliding-window) attention of the new queries over past + new keys."""
