@@ -282,6 +282,83 @@ TASKS = (
 )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The SFT demo data (alpaca_demo.jsonl): facts a ~1M-parameter model learns in about a minute. Each of the 152 facts
+# (a capital, an opposite, a plural, an animal's sound, legs and home, a colour) is asked in 8 phrasings, so the model
+# meets it 8 times an epoch; prompts stay distinct, and the held-out rows ask known facts in other words. The template
+# tasks above (sorting, arithmetic, reversing) need far more training than a minute gives a model this small (after
+# 474 steps on them it answered "The capital of The is Thight"): they train the tokenizer and make the preference pairs.
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def fact_questions() -> list[list[tuple[str, str, str]]]:
+    """Per fact, its phrasings as (instruction, input, output) rows."""
+    facts = []
+    for country, city in CAPITALS.items():
+        full = f"The capital of {country} is {city}."
+        facts.append([
+            (f"What is the capital of {country}?", "", full), ("Name the capital city of the country.", country, city),
+            (f"Which city is the capital of {country}?", "", full), (f"Tell me the capital of {country}.", "", full),
+            (f"What is the capital city of {country}?", "", full), ("Give the capital of the country.", country, city),
+            (f"Name the capital of {country}.", "", full), ("What is the capital of this country?", country, full),
+        ])
+    for word, other in OPPOSITES.items():
+        full = f"The opposite of {word} is {other}."
+        facts.append([
+            (f"What is the opposite of {word}?", "", full), ("Give the opposite of the word.", word, other),
+            (f"Name the opposite of {word}.", "", full), (f"Tell me the opposite of {word}.", "", full),
+            (f"Which word is the opposite of {word}?", "", full), ("Write the opposite of the word.", word, other),
+            (f"What word means the opposite of {word}?", "", full), ("What is the opposite of this word?", word, full),
+        ])
+    for noun, many in PLURALS.items():
+        full = f"The plural of {noun} is {many}."
+        facts.append([
+            (f"What is the plural of {noun}?", "", full), ("Write the plural form of the noun.", noun, many),
+            (f"Give the plural of {noun}.", "", full), (f"Tell me the plural of {noun}.", "", full),
+            (f"What is the plural form of {noun}?", "", full), ("Give the plural of the noun.", noun, many),
+            (f"Write the plural of {noun}.", "", full), ("What is the plural of this word?", noun, full),
+        ])
+    for animal, (sound, legs, home) in ANIMALS.items():
+        says, has, lives = f"A {animal} says {sound}.", f"A {animal} has {legs} legs.", f"A {animal} lives in {home}."
+        facts.append([
+            (f"What sound does a {animal} make?", "", says), (f"What does a {animal} say?", "", says),
+            (f"Which sound does a {animal} make?", "", says), ("What sound does this animal make?", animal, says),
+            (f"Tell me the sound a {animal} makes.", "", says), ("What does this animal say?", animal, says),
+            (f"Name the sound of a {animal}.", "", says), (f"How does a {animal} sound?", "", says),
+        ])
+        facts.append([
+            (f"How many legs does a {animal} have?", "", has), ("How many legs does this animal have?", animal, has),
+            (f"Count the legs of a {animal}.", "", has), (f"Tell me how many legs a {animal} has.", "", has),
+            (f"What is the number of legs of a {animal}?", "", has), ("Count the legs of this animal.", animal, has),
+            (f"A {animal} has how many legs?", "", has), (f"Give the number of legs of a {animal}.", "", has),
+        ])
+        facts.append([
+            (f"Where does a {animal} live?", "", lives), ("Where does this animal live?", animal, lives),
+            (f"What is the home of a {animal}?", "", lives), (f"Tell me where a {animal} lives.", "", lives),
+            (f"Name the home of a {animal}.", "", lives), ("What is the home of this animal?", animal, lives),
+            (f"Where can you find a {animal}?", "", lives), (f"Where is the home of a {animal}?", "", lives),
+        ])
+    for thing, color in COLORS.items():
+        full = f"{_sentence(thing)} is {color}."
+        facts.append([
+            (f"What color is {thing}?", "", full), (f"What is the color of {thing}?", "", full),
+            (f"Tell me the color of {thing}.", "", full), ("What color is this?", thing, full),
+            (f"Name the color of {thing}.", "", full), ("Give the color of this.", thing, full),
+            (f"Which color is {thing}?", "", full), (f"Say what color {thing} is.", "", full),
+        ])
+    return facts
+
+
+def make_demo_rows(seed: int) -> list[dict]:
+    """alpaca_demo.jsonl: every phrasing of every fact (distinct prompts), shuffled."""
+    rows = [{"instruction": i, "input": x, "output": o} for phrasings in fact_questions() for i, x, o in phrasings]
+    assert len({(row["instruction"], row["input"]) for row in rows}) == len(rows), "two facts share a prompt"
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def make_rows(num_rows: int, seed: int) -> list[dict]:
     """`num_rows` distinct rows drawn round-robin from the tasks; a task whose table runs out of new rows drops out."""
     return [row for _, row in make_task_rows(num_rows, seed)]
@@ -501,7 +578,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the assets")
-    parser.add_argument("--num-rows", type=int, default=2000, help="dataset rows")
+    parser.add_argument("--num-rows", type=int, default=2000, help="task rows (the tokenizer's training text)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the rows")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size")
     parser.add_argument("--preference-rows", type=int, default=1000, help="preference dataset rows")
@@ -519,13 +596,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.preference_only:
         return
     model_bytes = train_tokenizer(rows, args.vocab_size)
-    write_jsonl(args.out_dir / DATASET_FILE, rows)
+    demo_rows = make_demo_rows(args.seed)
+    write_jsonl(args.out_dir / DATASET_FILE, demo_rows)
     (args.out_dir / TOKENIZER_FILE).write_bytes(model_bytes)
 
     processor = spm.SentencePieceProcessor(model_proto=model_bytes)
     lengths = [2 + len(processor.encode(alpaca_prompt(row["instruction"], row["input"])))
-               + len(processor.encode(row["output"])) for row in rows]
-    print(f"wrote {len(rows)} rows to {args.out_dir / DATASET_FILE}")
+               + len(processor.encode(row["output"])) for row in demo_rows]
+    print(f"wrote {len(demo_rows)} rows to {args.out_dir / DATASET_FILE}")
     print(f"wrote {args.out_dir / TOKENIZER_FILE}: {len(model_bytes)} bytes, vocab {processor.get_piece_size()}")
     print(f"tokens per row (bos + prompt + output + eos): mean {statistics.mean(lengths):.1f}, max {max(lengths)}")
 

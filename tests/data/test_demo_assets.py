@@ -13,9 +13,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_demo_assets.py"
 
 def test_every_demo_row_is_valid_and_short(demo_tokenizer, demo_dir):
     rows = load_rows(demo_dir / "alpaca_demo.jsonl")
-    assert len(rows) == 2000
+    assert len(rows) == 152 * 8, "152 facts, 8 phrasings each"
     assert all(set(row) == {"instruction", "input", "output"} for row in rows)
     assert 100 < sum(not row["input"] for row in rows) < 1000, "some, not most, rows have an empty input"
+    assert len({row["output"] for row in rows}) < len(rows) / 3, "each fact's answer recurs across its phrasings"
     assert len({(row["instruction"], row["input"]) for row in rows}) == len(rows), "no duplicate prompts"
     dataset = InstructDataset(rows, demo_tokenizer, max_seq_len=10_000, source="alpaca_demo.jsonl")
     lengths = dataset.token_counts()
@@ -44,5 +45,5 @@ def test_script_reproduces_the_shipped_assets(tmp_path, demo_dir):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(["--out-dir", str(tmp_path)])
-    for name in ("alpaca_demo.jsonl", "tokenizer.model"):
+    for name in ("alpaca_demo.jsonl", "tokenizer.model", "preference_demo.jsonl"):
         assert (tmp_path / name).read_bytes() == (demo_dir / name).read_bytes(), f"{name} is stale: rerun {SCRIPT.name}"
