@@ -1,5 +1,5 @@
-"""Generate the embedded demo assets: a small alpaca-style dataset, a SentencePiece tokenizer trained on it, and
-preference pairs (a right and a wrong answer) from the same tasks.
+"""Generate the embedded demo assets: a small instruction dataset of facts, a SentencePiece tokenizer, and preference
+pairs (a right and a wrong answer) on the same facts.
 
 Regenerate (deterministic, idempotent: the same bytes every run) from the repository root with
 
@@ -7,9 +7,10 @@ Regenerate (deterministic, idempotent: the same bytes every run) from the reposi
                                                   #                           preference_demo.jsonl}
     python scripts/make_demo_assets.py --preference-only    # only preference_demo.jsonl
 
-The rows are short, template-written tasks (reverse words, sort or add numbers, capitals, plurals, opposites, ...)
-that a ~1M-parameter model can learn the shape of in about a minute on a laptop CPU. All text is generated here, so
-the data carries the project's license. Only the Python standard library, sentencepiece and mytune are needed.
+alpaca_demo.jsonl holds 152 facts (capitals, opposites, plurals, animals, colours), each asked in 8 phrasings: what a
+~1M-parameter model learns in about a minute on a laptop CPU. The tokenizer is trained on short template-written
+tasks (reverse words, sort or add numbers, ...) over the same words. All text is generated here, so the data carries
+the project's license. Only the Python standard library, sentencepiece and mytune are needed.
 """
 
 from __future__ import annotations
@@ -293,67 +294,68 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def fact_questions() -> list[list[tuple[str, str, str]]]:
-    """Per fact, its phrasings as (instruction, input, output) rows."""
+def fact_questions() -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Per fact, its kind (capital, opposite, plural, sound, legs, home, color) and its phrasings as
+    (instruction, input, output) rows."""
     facts = []
     for country, city in CAPITALS.items():
         full = f"The capital of {country} is {city}."
-        facts.append([
+        facts.append(("capital", [
             (f"What is the capital of {country}?", "", full), ("Name the capital city of the country.", country, city),
             (f"Which city is the capital of {country}?", "", full), (f"Tell me the capital of {country}.", "", full),
             (f"What is the capital city of {country}?", "", full), ("Give the capital of the country.", country, city),
             (f"Name the capital of {country}.", "", full), ("What is the capital of this country?", country, full),
-        ])
+        ]))
     for word, other in OPPOSITES.items():
         full = f"The opposite of {word} is {other}."
-        facts.append([
+        facts.append(("opposite", [
             (f"What is the opposite of {word}?", "", full), ("Give the opposite of the word.", word, other),
             (f"Name the opposite of {word}.", "", full), (f"Tell me the opposite of {word}.", "", full),
             (f"Which word is the opposite of {word}?", "", full), ("Write the opposite of the word.", word, other),
             (f"What word means the opposite of {word}?", "", full), ("What is the opposite of this word?", word, full),
-        ])
+        ]))
     for noun, many in PLURALS.items():
         full = f"The plural of {noun} is {many}."
-        facts.append([
+        facts.append(("plural", [
             (f"What is the plural of {noun}?", "", full), ("Write the plural form of the noun.", noun, many),
             (f"Give the plural of {noun}.", "", full), (f"Tell me the plural of {noun}.", "", full),
             (f"What is the plural form of {noun}?", "", full), ("Give the plural of the noun.", noun, many),
             (f"Write the plural of {noun}.", "", full), ("What is the plural of this word?", noun, full),
-        ])
+        ]))
     for animal, (sound, legs, home) in ANIMALS.items():
         says, has, lives = f"A {animal} says {sound}.", f"A {animal} has {legs} legs.", f"A {animal} lives in {home}."
-        facts.append([
+        facts.append(("sound", [
             (f"What sound does a {animal} make?", "", says), (f"What does a {animal} say?", "", says),
             (f"Which sound does a {animal} make?", "", says), ("What sound does this animal make?", animal, says),
             (f"Tell me the sound a {animal} makes.", "", says), ("What does this animal say?", animal, says),
             (f"Name the sound of a {animal}.", "", says), (f"How does a {animal} sound?", "", says),
-        ])
-        facts.append([
+        ]))
+        facts.append(("legs", [
             (f"How many legs does a {animal} have?", "", has), ("How many legs does this animal have?", animal, has),
             (f"Count the legs of a {animal}.", "", has), (f"Tell me how many legs a {animal} has.", "", has),
             (f"What is the number of legs of a {animal}?", "", has), ("Count the legs of this animal.", animal, has),
             (f"A {animal} has how many legs?", "", has), (f"Give the number of legs of a {animal}.", "", has),
-        ])
-        facts.append([
+        ]))
+        facts.append(("home", [
             (f"Where does a {animal} live?", "", lives), ("Where does this animal live?", animal, lives),
             (f"What is the home of a {animal}?", "", lives), (f"Tell me where a {animal} lives.", "", lives),
             (f"Name the home of a {animal}.", "", lives), ("What is the home of this animal?", animal, lives),
             (f"Where can you find a {animal}?", "", lives), (f"Where is the home of a {animal}?", "", lives),
-        ])
+        ]))
     for thing, color in COLORS.items():
         full = f"{_sentence(thing)} is {color}."
-        facts.append([
+        facts.append(("color", [
             (f"What color is {thing}?", "", full), (f"What is the color of {thing}?", "", full),
             (f"Tell me the color of {thing}.", "", full), ("What color is this?", thing, full),
             (f"Name the color of {thing}.", "", full), ("Give the color of this.", thing, full),
             (f"Which color is {thing}?", "", full), (f"Say what color {thing} is.", "", full),
-        ])
+        ]))
     return facts
 
 
 def make_demo_rows(seed: int) -> list[dict]:
     """alpaca_demo.jsonl: every phrasing of every fact (distinct prompts), shuffled."""
-    rows = [{"instruction": i, "input": x, "output": o} for phrasings in fact_questions() for i, x, o in phrasings]
+    rows = [{"instruction": i, "input": x, "output": o} for _, phrasings in fact_questions() for i, x, o in phrasings]
     assert len({(row["instruction"], row["input"]) for row in rows}) == len(rows), "two facts share a prompt"
     random.Random(seed).shuffle(rows)
     return rows
@@ -361,14 +363,9 @@ def make_demo_rows(seed: int) -> list[dict]:
 
 def make_rows(num_rows: int, seed: int) -> list[dict]:
     """`num_rows` distinct rows drawn round-robin from the tasks; a task whose table runs out of new rows drops out."""
-    return [row for _, row in make_task_rows(num_rows, seed)]
-
-
-def make_task_rows(num_rows: int, seed: int) -> list[tuple[object, dict]]:
-    """`make_rows`' rows, each with the task that wrote it."""
     rng = random.Random(seed)
     seen: set[tuple[str, str]] = set()
-    rows: list[tuple[object, dict]] = []
+    rows: list[dict] = []
     misses = Counter()
     active = list(TASKS)
     while len(rows) < num_rows and active:
@@ -380,7 +377,7 @@ def make_task_rows(num_rows: int, seed: int) -> list[tuple[object, dict]]:
                     active.remove(task)
                 continue
             seen.add((instruction, input_text))
-            rows.append((task, {"instruction": instruction, "input": input_text, "output": output}))
+            rows.append({"instruction": instruction, "input": input_text, "output": output})
             if len(rows) == num_rows:
                 break
     rng.shuffle(rows)
@@ -388,164 +385,31 @@ def make_task_rows(num_rows: int, seed: int) -> list[tuple[object, dict]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Preference pairs (mytune/assets/demo/preference_demo.jsonl): the same tasks; chosen = the answer as the SFT data
-# writes it, rejected = a plausible wrong answer of the same shape. Each wrong-answer function takes a random.Random
-# and the row, and returns a different answer of the same shape.
+# Preference pairs (mytune/assets/demo/preference_demo.jsonl): the facts again, in the phrasings without an input (so
+# a standard-form prompt renders exactly as the SFT rows did); chosen = the right answer, rejected = the same sentence
+# with another fact's value of the same kind ("The capital of France is Lima."). The DPO demos start from the SFT
+# demo's checkpoint, which knows the facts: preference tuning sharpens what it knows, and the held-out pairs show it.
 
-def _other(rng: random.Random, choices, correct):
-    return rng.choice(sorted({choice for choice in choices if choice != correct}))
-
-
-def _replace_last(text: str, old: str, new: str) -> str:
-    head, found, tail = text.rpartition(old)
-    assert found, (text, old)
-    return head + new + tail
+ANSWER_SPLIT = re.compile(r"^(.*? (?:is|says|has|lives in) )(.*)$")
 
 
-def _off_by(rng: random.Random, value: int, low: int = 0) -> int:
-    """A nearby wrong number, never below `low`."""
-    return _other(rng, [n for n in range(value - 3, value + 4) if n >= low], value)
-
-
-def _shuffled(rng: random.Random, items: list, correct: list) -> list:
-    for _ in range(20):
-        candidate = rng.sample(items, len(items))
-        if candidate != correct:
-            return candidate
-    return list(reversed(correct))
-
-
-def _wrong_number_at_end(rng, instruction, input_text, output):
-    number = re.findall(r"\d+", output)[-1]
-    return _replace_last(output, number, str(_off_by(rng, int(number))))
-
-
-def _wrong_order(separator):
-    def wrong(rng, instruction, input_text, output):
-        correct = output.split(separator)
-        return separator.join(_shuffled(rng, correct, correct))
-    return wrong
-
-
-def _wrong_pick_from_input(separator):
-    def wrong(rng, instruction, input_text, output):
-        return _other(rng, input_text.split(separator), output)
-    return wrong
-
-
-def _wrong_table_value(values):
-    def wrong(rng, instruction, input_text, output):
-        longest_first = sorted(values, key=len, reverse=True)  # "cold" before "old"
-        correct = next(value for value in longest_first if output.endswith((value, value + ".")))
-        return _replace_last(output, correct, _other(rng, values, correct))
-    return wrong
-
-
-def wrong_number_to_word(rng, instruction, input_text, output):
-    if output.isdigit():
-        return str(_off_by(rng, int(output)))
-    n = NUMBER_WORDS.index(output)
-    return NUMBER_WORDS[_other(rng, [m for m in range(n - 3, n + 4) if 0 <= m < len(NUMBER_WORDS)], n)]
-
-
-def wrong_plural(rng, instruction, input_text, output):
-    """The noun left singular (the usual slip), or another plural where the two are the same word (sheep, fish)."""
-    noun = input_text or instruction.removeprefix("What is the plural of ").removesuffix("?")
-    correct = PLURALS[noun]
-    return _replace_last(output, correct, noun if noun != correct else _other(rng, PLURALS.values(), correct))
-
-
-def wrong_spelling(rng, instruction, input_text, output):
-    letters = output.split("-")
-    drop = rng.randrange(len(letters))
-    return "-".join(letters[:drop] + letters[drop + 1:])
-
-
-def wrong_repeat(rng, instruction, input_text, output):
-    times = len(output.split())
-    return " ".join([input_text] * _other(rng, [times - 1, times + 1] if times > 2 else [times + 1], times))
-
-
-def wrong_animal_fact(rng, instruction, input_text, output):
-    if " says " in output:
-        return _wrong_table_value([sound for sound, _, _ in ANIMALS.values()])(rng, instruction, input_text, output)
-    if " has " in output:
-        legs = re.findall(r"\d+", output)[-1]
-        return _replace_last(output, f"{legs} legs", f"{_other(rng, [0, 2, 4, 6, 8], int(legs))} legs")
-    return _wrong_table_value([home for _, _, home in ANIMALS.values()])(rng, instruction, input_text, output)
-
-
-def wrong_sequence(rng, instruction, input_text, output):
-    given = [int(n) for n in input_text.split(", ")]
-    step = given[1] - given[0]
-    wrong_step = _other(rng, [s for s in range(step - 2, step + 3) if s > 0], step)
-    return ", ".join(str(given[-1] + wrong_step * i) for i in range(1, 4))
-
-
-def wrong_cycle(rng, instruction, input_text, output):
-    names = DAYS if output in DAYS else MONTHS
-    asked = next(name for name in names if instruction.endswith(f" {name}?"))
-    i = names.index(asked)
-    return names[(i - 1) % len(names)] if names[(i + 1) % len(names)] == output else names[(i + 1) % len(names)]
-
-
-WRONG_ANSWERS = {
-    reverse_words: _wrong_order(" "),
-    sort_numbers: _wrong_order(", "),
-    sort_words: _wrong_order(" "),
-    add_numbers: _wrong_number_at_end,
-    subtract_numbers: _wrong_number_at_end,
-    compare_numbers: _wrong_pick_from_input(" or "),
-    max_min: _wrong_pick_from_input(", "),
-    even_odd: lambda rng, instruction, input_text, output: "odd" if output == "even" else "even",
-    number_to_word: wrong_number_to_word,
-    uppercase: lambda rng, instruction, input_text, output: input_text,
-    capitalize_words: lambda rng, instruction, input_text, output: input_text,
-    count_letters: _wrong_number_at_end,
-    count_words: _wrong_number_at_end,
-    spell_word: wrong_spelling,
-    first_last: _wrong_pick_from_input(" "),
-    repeat_word: wrong_repeat,
-    opposite: _wrong_table_value(OPPOSITES.values()),
-    capital: _wrong_table_value(CAPITALS.values()),
-    plural: wrong_plural,
-    animal_fact: wrong_animal_fact,
-    color_of: _wrong_table_value(COLORS.values()),
-    continue_sequence: wrong_sequence,
-    next_in_cycle: wrong_cycle,
-    word_in_list: lambda rng, instruction, input_text, output: "no" if output == "yes" else "yes",
-}
-
-
-def make_preference_rows(num_rows: int, seed: int, known_words: set[str]) -> list[dict]:
-    """`num_rows` TRL standard rows {"prompt", "chosen", "rejected"} from the tasks, deterministic for a seed.
-
-    The prompt is the instruction, then a blank line and the input when there is one (as a chat template shows an
-    instruct row); chosen is the correct answer, rejected a wrong one. Rows are kept only when all their words are
-    in `known_words` (the SFT data's, which the demo tokenizer was trained on). The wrong answers draw from their own
-    random stream, so the tasks draw exactly as `make_rows` does.
-    """
-    rng = random.Random(f"{seed}:wrong answers")
+def make_preference_rows(seed: int) -> list[dict]:
+    """TRL standard rows {"prompt", "chosen", "rejected"}, one per fact phrasing without an input, shuffled."""
+    facts = fact_questions()
+    values: dict[str, set[str]] = {}
+    for kind, phrasings in facts:
+        values.setdefault(kind, set()).add(ANSWER_SPLIT.match(phrasings[0][2]).group(2))
+    rng = random.Random(seed)
     rows = []
-    for task, row in make_task_rows(2 * num_rows, seed):
-        instruction, input_text, output = row["instruction"], row["input"], row["output"]
-        prompt = instruction + (f"\n\n{input_text}" if input_text else "")
-        if not words_of(prompt + " " + output) <= known_words:
-            continue
-        for _ in range(20):
-            wrong = WRONG_ANSWERS[task](rng, instruction, input_text, output)
-            assert wrong != output, (task.__name__, row, wrong)
-            if words_of(wrong) <= known_words:
-                rows.append({"prompt": prompt, "chosen": output, "rejected": wrong})
-                break
-        if len(rows) == num_rows:
-            break
-    assert len(rows) == num_rows, f"only {len(rows)} preference rows; lower --preference-rows"
+    for kind, phrasings in facts:
+        for instruction, input_text, output in phrasings:
+            if input_text:
+                continue
+            head, value = ANSWER_SPLIT.match(output).groups()
+            wrong = head + rng.choice(sorted(values[kind] - {value}))
+            rows.append({"prompt": instruction, "chosen": output, "rejected": wrong})
+    rng.shuffle(rows)
     return rows
-
-
-def words_of(text: str) -> set[str]:
-    return set(re.findall(r"[A-Za-z]+", text))
 
 
 def train_tokenizer(rows: list[dict], vocab_size: int) -> bytes:
@@ -581,7 +445,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-rows", type=int, default=2000, help="task rows (the tokenizer's training text)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the rows")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size")
-    parser.add_argument("--preference-rows", type=int, default=1000, help="preference dataset rows")
     parser.add_argument("--preference-seed", type=int, default=1, help="random seed for the preference rows")
     parser.add_argument("--preference-only", action="store_true",
                         help=f"write only {PREFERENCE_FILE} (leave the SFT data and the tokenizer as they are)")
@@ -589,8 +452,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = make_rows(args.num_rows, args.seed)
-    known_words = set().union(*(words_of(" ".join(row.values())) for row in rows))
-    pairs = make_preference_rows(args.preference_rows, args.preference_seed, known_words)
+    pairs = make_preference_rows(args.preference_seed)
     write_jsonl(args.out_dir / PREFERENCE_FILE, pairs)
     print(f"wrote {len(pairs)} preference rows to {args.out_dir / PREFERENCE_FILE}")
     if args.preference_only:
