@@ -122,13 +122,6 @@ class ResumableSampler(Sampler[int]):
         self.consumed = min(int(state["consumed"]), self.global_epoch_length)
 
 
-def _batch_length(batch: object) -> int:
-    if isinstance(batch, dict):
-        first = next(iter(batch.values()))
-        return len(first)
-    return len(batch)
-
-
 class ResumableDataLoader:
     """A `DataLoader` over a `ResumableSampler` that counts the batches the training loop has taken.
 
@@ -150,8 +143,13 @@ class ResumableDataLoader:
                                   num_workers=num_workers, drop_last=drop_last, **loader_kwargs)
 
     def __iter__(self) -> Iterator:
+        # Count the sampler's indices, not the collated rows: a collate may make several rows of one item (a
+        # preference pair is a chosen and a rejected row). Every batch holds batch_size indices but a last partial one.
+        remaining = len(self.sampler)
         for batch in self._loader:
-            self.sampler.advance(_batch_length(batch))
+            taken = min(self.batch_size, remaining)
+            remaining -= taken
+            self.sampler.advance(taken)
             yield batch
 
     def __len__(self) -> int:

@@ -122,3 +122,16 @@ def test_iterating_leaves_the_global_rng_alone():
     for _ in range(3):
         next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_batch_counts_its_items_not_the_rows_its_collate_makes():
+    """A preference collate turns B pairs into 2B rows ([chosen; rejected]); the loader must count B items, or a
+    resume skips half an epoch's data."""
+    def two_rows_per_item(items):
+        return {"tokens": torch.tensor([*items, *items])}
+
+    sampler = ResumableSampler(40, rank=0, world_size=1, seed=0)
+    loader = ResumableDataLoader(list(range(40)), batch_size=4, sampler=sampler, collate_fn=two_rows_per_item)
+    for _, batch in zip(range(3), loader):
+        assert batch["tokens"].shape[0] == 8
+    assert loader.state_dict()["consumed"] == 12 and loader.batches_consumed == 3
