@@ -208,7 +208,10 @@ def run_summary(recipe: str, steps: int, last: dict, checkpoint: str | Path, *, 
     if "loss" in last:
         numbers.append(f"final train loss {last['loss']:.4f}")
     if "val_loss" in last:
-        numbers.append(f"val_loss {last['val_loss']:.4f} (perplexity {last['val_perplexity']:.2f})")
+        perplexity = f" (perplexity {last['val_perplexity']:.2f})" if "val_perplexity" in last else ""
+        numbers.append(f"val_loss {last['val_loss']:.4f}{perplexity}")
+    if "val_rewards/accuracies" in last:  # preference recipes: the held-out pairs whose right answer gains
+        numbers.append(f"val_rewards/accuracies {last['val_rewards/accuracies']:.3f}")
     if "tokens_per_s" in last:
         numbers.append(f"{last['tokens_per_s']:,.0f} tokens/s")
     what = "merged model (Hugging Face format), PEFT adapter in adapter/" if adapter else "Hugging Face format"

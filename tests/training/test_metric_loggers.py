@@ -89,3 +89,12 @@ def test_run_summary_names_the_numbers_the_checkpoint_and_what_to_run_next(tmp_p
     assert f"checkpoint: {tmp_path / 'out' / 'step_474'}" in rest[0] and "metrics.jsonl" in rest[0]
     assert any("mytune generate" in line for line in rest) and any("mytune cp" in line for line in rest)
     assert any("mytune download" in line for line in rest)
+
+
+def test_run_summary_of_a_preference_run_gives_the_held_out_reward_accuracy(tmp_path):
+    from mytune.training.metrics import run_summary
+
+    last = {"loss": 0.31, "val_loss": 0.3120, "val_rewards/accuracies": 0.866, "tokens_per_s": 2500.0}
+    first = run_summary("lora_dpo_single_device", 92, last, tmp_path / "step_92", adapter=True).splitlines()[0]
+    assert first == ("lora_dpo_single_device done: 92 steps, final train loss 0.3100, val_loss 0.3120, "
+                     "val_rewards/accuracies 0.866, 2,500 tokens/s")
