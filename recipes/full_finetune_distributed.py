@@ -2,6 +2,7 @@
 
     mytune --nproc_per_node 8 full_finetune_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B
     mytune --nproc_per_node 2 full_finetune_distributed --config tiny_demo          # CPU, gloo
+    mytune --nproc_per_node 8 full_finetune_distributed --config llama3_1_70b --override tensor_parallel_dim=8
 
 The same recipe as `full_finetune_single_device`, adapted to FSDP2 (the duplication is on purpose: read or copy one
 file). Differences: every rank builds the model on the meta device and `fully_shard`s each decoder layer and the root;
@@ -10,6 +11,14 @@ cache) before the other ranks load it; a `ResumableSampler` gives each rank its 
 of a step is normalised by the label tokens of the whole global batch, so the gradient equals the single-device
 gradient of that batch; the validation loss is summed over all ranks; only rank 0 logs and writes the checkpoint
 files, while every rank takes part in gathering the weights and the sharded optimizer state for it.
+
+Tensor parallel (`tensor_parallel_dim` > 1, `mytune.training.tensor_parallel`): the processes form a (dp, tp) mesh of
+world_size / tp data-parallel groups of tp neighbouring ranks. Within a group each decoder layer's matmuls are split
+(attention heads and the MLP; `sequence_parallel` also splits the norms' activations along the sequence), and the
+group's ranks read the same batch; FSDP shards over the dp dimension (over one rank when tp = world size: it still
+keeps the float32 masters and the bf16 compute). Token counts and loss sums are all-reduced over all ranks and
+divided by tp (each group counted once); gradients are scaled by the dp size. Checkpoints are gathered whole, so a
+run saved at one tp resumes at another.
 
 Checkpoints: `output_dir/step_<N>/` holds the Hugging Face files plus `recipe_state.pt` (the full, unsharded optimizer
 state, LR schedule, RNG, data position, step and epoch), so `resume_from_checkpoint=latest` continues the run where it
@@ -73,6 +82,13 @@ from mytune.training.recipe_state import (
 )
 from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
 from mytune.training.safety import check_finite
+from mytune.training.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    make_device_mesh,
+    mesh_dim,
+)
 from recipes.params.full_finetune_distributed import FullFinetuneDistributedParams
 
 
@@ -84,6 +100,13 @@ class FullFinetuneRecipeDistributed:
         self.dist = distributed.init_distributed(params.device)
         self.device = self.dist.device
         self.is_rank_zero = self.dist.is_rank_zero
+        # The (dp, tp) mesh: tp = tensor_parallel_dim neighbouring ranks split each layer, FSDP shards over the dp
+        # groups (at tp=1: one "dp" dimension, every rank). The data and the loss sums follow the dp rank and size.
+        self.tp = params.tensor_parallel_dim
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the number of processes
+            mesh = make_device_mesh(self.dist.world_size, self.tp, self.device.type, keep_dp=True)
+        self.tp_mesh, self.dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+        self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
         self.epoch = 0
@@ -115,32 +138,36 @@ class FullFinetuneRecipeDistributed:
         source = self.resume_dir or p.checkpoint_dir
         if source:
             args = read_hf_model_args(source)  # config.json and generation_config.json, kept whole for the save
-            if self.is_rank_zero:
-                full_state_dict = load_hf_model(source, device="cpu", dtype=torch.float32).state_dict()
         else:
             # A fresh model sized to the tokenizer: the demo and tests start here, seeded by set_seed above.
             args = model_args(p.model)
             args.vocab_size = self.tokenizer.vocab_size
             args.bos_token_id, args.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
-            if self.is_rank_zero:
-                full_state_dict = TransformerDecoder(args).state_dict()
         if self.tokenizer.vocab_size > args.vocab_size:
             raise MytuneError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
                 f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
             )
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the heads or the MLP
+            check_tensor_parallel(args, self.tp)
+        if self.is_rank_zero:
+            full_state_dict = (load_hf_model(source, device="cpu", dtype=torch.float32) if source
+                               else TransformerDecoder(args)).state_dict()
         with torch.device("meta"):
             self.model = TransformerDecoder(args)
         # Before sharding; none of these changes parameter names or state-dict keys.
         if p.float8:
             check_float8_supported(self.device)
             convert_to_float8(self.model)
+        # Tensor parallel before the wrappers and FSDP: each layer's weights become DTensors split over the tp ranks
+        # (nothing changes at tp=1), which FSDP then shards again over the dp ranks.
+        apply_tensor_parallel(self.model, self.tp_mesh, sequence_parallel=p.sequence_parallel)
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if p.compile:
             compile_layers(self.model)
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
-                               reshard_after_forward=p.fsdp_reshard_after_forward)
+                               reshard_after_forward=p.fsdp_reshard_after_forward, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -160,8 +187,8 @@ class FullFinetuneRecipeDistributed:
         if self.steps_per_epoch == 0:
             raise MytuneError(
                 f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
-                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
-                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * "
+                f"data-parallel size = {p.batch_size * p.gradient_accumulation_steps * self.dp_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -193,10 +220,12 @@ class FullFinetuneRecipeDistributed:
             self.metric_logger = build_metric_loggers(self.output_dir, p.metric_loggers, run_name=self.output_dir.name,
                                                       config=dataclasses.asdict(p))
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
+            layout = (f" (FSDP over {self.dp_size} x tensor parallel over {self.tp}"
+                      f"{', sequence parallel' if p.sequence_parallel else ''})" if self.tp > 1 else "")
             print(
                 f"full_finetune_distributed: {n_params / 1e6:.1f}M params sharded over {self.dist.world_size} "
-                f"process(es) on {self.device.type} in {p.dtype}, {self.total_steps} steps of "
-                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"process(es){layout} on {self.device.type} in {p.dtype}, {self.total_steps} steps of "
+                f"{p.batch_size * p.gradient_accumulation_steps * self.dp_size} "
                 f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
                 flush=True,
             )
@@ -258,9 +287,12 @@ class FullFinetuneRecipeDistributed:
                 print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
                       f"training: {dataset.num_samples}", flush=True)
 
-        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
-        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
-        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+        # Sequence parallel cuts the sequence in tp equal parts: each batch is padded to a multiple of tp.
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id,
+                          pad_to_multiple_of=self.tp if p.sequence_parallel else 1)
+        # Data-parallel rank d takes positions d, d + dp, d + 2 * dp, ... of each epoch's seeded order (the same on
+        # every rank); the tp ranks of one group share a dp rank and so read the same batches.
+        sampler = ResumableSampler(dataset, rank=self.dp_rank, world_size=self.dp_size, shuffle=p.shuffle,
                                    seed=p.seed)
         # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
         pin = self.device.type == "cuda"
@@ -271,7 +303,7 @@ class FullFinetuneRecipeDistributed:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
             # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
             # leaves the repeated samples out of the loss.
-            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+            val_sampler = ResumableSampler(val_dataset, rank=self.dp_rank, world_size=self.dp_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
                                              collate_fn=collate, pin_memory=pin)
@@ -297,7 +329,7 @@ class FullFinetuneRecipeDistributed:
                     profiler.step()
 
                     seconds = time.perf_counter() - step_start
-                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all dp ranks' tokens: the job's throughput
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
                     last_step = self.global_step == self.total_steps
@@ -325,34 +357,36 @@ class FullFinetuneRecipeDistributed:
         """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
         are the same on every rank (loss and token counts summed over the ranks)."""
         p = self.params
-        world_size = self.dist.world_size
-        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch. The
+        # sums run over every rank, and the tp ranks of a group hold the same batch: divided by tp, each counts once.
         local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
         local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
-        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
-            [local_label_tokens, local_input_tokens], self.device
-        )
+        num_label_tokens, num_input_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device))
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
             with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
-            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
-            (loss * world_size).backward()
+            # FSDP averages gradients over the dp ranks; scaling by their number turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens (the tp ranks of a
+            # group compute one gradient together: DTensor sums the parts, nothing to scale).
+            (loss * self.dp_size).backward()
             micro_losses.append(loss.detach())
         local_loss = sum(loss.item() for loss in micro_losses)
         # The preemption flag rides on the loss all-reduce the step does anyway: every rank learns whether any rank
         # was signalled (SIGTERM) without a collective of its own, so all stop after the same step.
-        step_loss, signalled = distributed.all_reduce_sum([local_loss, float(self.preemption.should_stop)],
-                                                          self.device)
+        loss_sum, signalled = distributed.all_reduce_sum([local_loss, float(self.preemption.should_stop)], self.device)
+        step_loss = loss_sum / self.tp  # each tp group's loss counted once
         self.stop_requested = signalled > 0
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+            # Under TP the gradients are DTensors on two meshes (dp x tp, and dp), which torch's own clip cannot mix.
+            clip = clip_grad_norm_ if self.tp > 1 else torch.nn.utils.clip_grad_norm_
+            norm = clip(self.model.parameters(), p.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -380,27 +414,29 @@ class FullFinetuneRecipeDistributed:
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
 
-        Each rank sums the loss of its shard; the sums and label-token counts are added over all ranks.
+        Each dp rank sums the loss of its shard; the sums and label-token counts are added over all ranks (each tp
+        group counted once).
         """
         p = self.params
-        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        dp_size, num_items = self.dp_size, len(self.val_dataloader.dataset)
         self.model.eval()
         loss_sum, num_label_tokens = 0.0, 0
         with torch.no_grad():
             for index, batch in enumerate(self.val_dataloader):
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
-                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
-                # its end are the wrap-around repeats: no loss on them.
+                # This dp rank's j-th item is position dp_rank + j * dp_size of the validation order; positions
+                # past its end are the wrap-around repeats: no loss on them.
                 first = index * p.batch_size
-                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                positions = self.dp_rank + dp_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
                 batch["label_positions"] = label_positions(batch["labels"])
                 batch = move_batch(batch, self.device)
                 loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
-        loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
+        loss_sum, num_label_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [loss_sum, num_label_tokens], self.device))
         val_loss = loss_sum / max(num_label_tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
                 "val_tokens": int(num_label_tokens)}

@@ -2,6 +2,7 @@
 
     mytune --nproc_per_node 8 lora_finetune_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B
     mytune --nproc_per_node 2 lora_finetune_distributed --config tiny_demo          # CPU, gloo
+    mytune --nproc_per_node 8 lora_finetune_distributed --config llama3_1_70b --override tensor_parallel_dim=8
 
 `full_finetune_distributed` with the adapters of `lora_finetune_single_device` (the duplication is on purpose: read or
 copy one file). The base model is frozen and `apply_lora` puts trainable adapters on the `lora_target_modules` before
@@ -11,6 +12,9 @@ adapters get gradients (reduce-scattered) and AdamW state. Rank 0 reads the chec
 (by the label tokens of the whole global batch), validation and logging are those of `full_finetune_distributed`.
 `quantize_base` (QLoRA) keeps the targeted base weights in NF4: rank 0 quantizes each whole weight exactly as the
 single-device recipe does and every rank keeps its dim-0 shard of the NF4 bytes (needs 2+ processes).
+Tensor parallel (`tensor_parallel_dim` > 1) is `full_finetune_distributed`'s: a (dp, tp) mesh, each layer split over
+the tp ranks of a group, FSDP over dp; an adapter follows its base layer (a column-wise base gets a split `lora_B`, a
+row-wise base a split `lora_A`) and is saved whole. QLoRA is refused under TP (NF4 blocks cannot be split by columns).
 
 Each checkpoint is written twice, in one step directory, by rank 0 after every rank gathered the full weights:
     output_dir/step_<N>/           the merged model, a Hugging Face checkpoint (base + adapter folded into the weights)
@@ -79,6 +83,13 @@ from mytune.training.recipe_state import (
 )
 from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
 from mytune.training.safety import check_finite
+from mytune.training.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    make_device_mesh,
+    mesh_dim,
+)
 from recipes.params.lora_finetune_distributed import LoRAFinetuneDistributedParams
 
 ADAPTER_DIR_NAME = "adapter"
@@ -92,6 +103,13 @@ class LoRAFinetuneRecipeDistributed:
         self.dist = distributed.init_distributed(params.device)
         self.device = self.dist.device
         self.is_rank_zero = self.dist.is_rank_zero
+        # The (dp, tp) mesh: tp = tensor_parallel_dim neighbouring ranks split each layer, FSDP shards over the dp
+        # groups (at tp=1: one "dp" dimension, every rank). The data and the loss sums follow the dp rank and size.
+        self.tp = params.tensor_parallel_dim
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the number of processes
+            mesh = make_device_mesh(self.dist.world_size, self.tp, self.device.type, keep_dp=True)
+        self.tp_mesh, self.dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+        self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.output_dir = Path(params.output_dir)
         self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
         self.global_step = 0
@@ -139,6 +157,8 @@ class LoRAFinetuneRecipeDistributed:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
                 f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
             )
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the heads or the MLP
+            check_tensor_parallel(args, self.tp)
         if self.is_rank_zero:
             if p.checkpoint_dir:
                 cpu_model = load_hf_model(p.checkpoint_dir, device="cpu", dtype=torch.float32)
@@ -162,6 +182,9 @@ class LoRAFinetuneRecipeDistributed:
             for param in self.model.parameters():
                 if not param.requires_grad and type(param.data) is torch.Tensor:  # not NF4: QLoRA keeps its own
                     param.data = param.data.to(torch.bfloat16)
+        # Tensor parallel before the wrappers and FSDP: each layer's weights and adapters become DTensors split over
+        # the tp ranks (nothing changes at tp=1), which FSDP then shards again over the dp ranks.
+        apply_tensor_parallel(self.model, self.tp_mesh, sequence_parallel=p.sequence_parallel)
         # Before sharding; neither changes parameter names or state-dict keys.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -170,7 +193,7 @@ class LoRAFinetuneRecipeDistributed:
         # Each decoder layer is one FSDP unit holding its frozen weights and trainable adapters: FSDP2 reduces
         # gradients for the parameters that have them only.
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
-                               reshard_after_forward=p.fsdp_reshard_after_forward)
+                               reshard_after_forward=p.fsdp_reshard_after_forward, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -197,8 +220,8 @@ class LoRAFinetuneRecipeDistributed:
         if self.steps_per_epoch == 0:
             raise MytuneError(
                 f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
-                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
-                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * "
+                f"data-parallel size = {p.batch_size * p.gradient_accumulation_steps * self.dp_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -234,11 +257,13 @@ class LoRAFinetuneRecipeDistributed:
             n_params = sum(t.numel() for t in self.model.parameters())  # DTensor numel is the full size
             n_trainable = sum(t.numel() for t in self.trainable)
             kind = ("QDoRA" if p.quantize_base else "DoRA") if p.use_dora else ("QLoRA" if p.quantize_base else "LoRA")
+            layout = (f" (FSDP over {self.dp_size} x tensor parallel over {self.tp}"
+                      f"{', sequence parallel' if p.sequence_parallel else ''})" if self.tp > 1 else "")
             print(
                 f"lora_finetune_distributed: {kind} rank {p.lora_rank} on "
                 f"{', '.join(p.lora_target_modules)}: {n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M "
-                f"params sharded over {self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, "
-                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"params sharded over {self.dist.world_size} process(es){layout} on {self.device.type} in {p.dtype}, "
+                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dp_size} "
                 f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
                 flush=True,
             )
@@ -300,9 +325,12 @@ class LoRAFinetuneRecipeDistributed:
                 print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
                       f"training: {dataset.num_samples}", flush=True)
 
-        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
-        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
-        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+        # Sequence parallel cuts the sequence in tp equal parts: each batch is padded to a multiple of tp.
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id,
+                          pad_to_multiple_of=self.tp if p.sequence_parallel else 1)
+        # Data-parallel rank d takes positions d, d + dp, d + 2 * dp, ... of each epoch's seeded order (the same on
+        # every rank); the tp ranks of one group share a dp rank and so read the same batches.
+        sampler = ResumableSampler(dataset, rank=self.dp_rank, world_size=self.dp_size, shuffle=p.shuffle,
                                    seed=p.seed)
         # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
         pin = self.device.type == "cuda"
@@ -313,7 +341,7 @@ class LoRAFinetuneRecipeDistributed:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
             # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
             # leaves the repeated samples out of the loss.
-            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+            val_sampler = ResumableSampler(val_dataset, rank=self.dp_rank, world_size=self.dp_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
                                              collate_fn=collate, pin_memory=pin)
@@ -339,7 +367,7 @@ class LoRAFinetuneRecipeDistributed:
                     profiler.step()
 
                     seconds = time.perf_counter() - step_start
-                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all dp ranks' tokens: the job's throughput
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
                     last_step = self.global_step == self.total_steps
@@ -367,34 +395,36 @@ class LoRAFinetuneRecipeDistributed:
         """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
         are the same on every rank (loss and token counts summed over the ranks)."""
         p = self.params
-        world_size = self.dist.world_size
-        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch. The
+        # sums run over every rank, and the tp ranks of a group hold the same batch: divided by tp, each counts once.
         local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
         local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
-        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
-            [local_label_tokens, local_input_tokens], self.device
-        )
+        num_label_tokens, num_input_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device))
         micro_losses = []  # read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
             with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 loss = self.loss_sum(batch) / max(num_label_tokens, 1)
-            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
-            (loss * world_size).backward()
+            # FSDP averages gradients over the dp ranks; scaling by their number turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens (the tp ranks of a
+            # group compute one gradient together: DTensor sums the parts, nothing to scale).
+            (loss * self.dp_size).backward()
             micro_losses.append(loss.detach())
         local_loss = sum(loss.item() for loss in micro_losses)
         # The preemption flag rides on the loss all-reduce the step does anyway: every rank learns whether any rank
         # was signalled (SIGTERM) without a collective of its own, so all stop after the same step.
-        step_loss, signalled = distributed.all_reduce_sum([local_loss, float(self.preemption.should_stop)],
-                                                          self.device)
+        loss_sum, signalled = distributed.all_reduce_sum([local_loss, float(self.preemption.should_stop)], self.device)
+        step_loss = loss_sum / self.tp  # each tp group's loss counted once
         self.stop_requested = signalled > 0
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+            # Under TP the gradients are DTensors on two meshes (dp x tp, and dp), which torch's own clip cannot mix.
+            clip = clip_grad_norm_ if self.tp > 1 else torch.nn.utils.clip_grad_norm_
+            norm = clip(self.trainable, p.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -423,27 +453,29 @@ class LoRAFinetuneRecipeDistributed:
     def evaluate(self) -> dict[str, float]:
         """Mean token loss over the validation set (its first `max_eval_batches` batches per rank) and its perplexity.
 
-        Each rank sums the loss of its shard; the sums and label-token counts are added over all ranks.
+        Each dp rank sums the loss of its shard; the sums and label-token counts are added over all ranks (each tp
+        group counted once).
         """
         p = self.params
-        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        dp_size, num_items = self.dp_size, len(self.val_dataloader.dataset)
         self.model.eval()
         loss_sum, num_label_tokens = 0.0, 0
         with torch.no_grad():
             for index, batch in enumerate(self.val_dataloader):
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
-                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
-                # its end are the wrap-around repeats: no loss on them.
+                # This dp rank's j-th item is position dp_rank + j * dp_size of the validation order; positions
+                # past its end are the wrap-around repeats: no loss on them.
                 first = index * p.batch_size
-                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                positions = self.dp_rank + dp_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
                 batch["label_positions"] = label_positions(batch["labels"])
                 batch = move_batch(batch, self.device)
                 loss_sum += self.loss_sum(batch).item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
-        loss_sum, num_label_tokens = distributed.all_reduce_sum([loss_sum, num_label_tokens], self.device)
+        loss_sum, num_label_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [loss_sum, num_label_tokens], self.device))
         val_loss = loss_sum / max(num_label_tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
                 "val_tokens": int(num_label_tokens)}

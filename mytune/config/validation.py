@@ -212,6 +212,23 @@ def check_distillation_fields(p: Any) -> None:
                           "lora_target_modules is empty (a full fine-tune): set lora_target_modules or quantize_base=false")
 
 
+def check_tensor_parallel_fields(p: Any) -> None:
+    """tensor_parallel_dim >= 1; sequence parallel needs tp > 1; float8 and QLoRA (quantize_base) are not built
+    under TP (the launcher's world size is checked by the recipe, which knows it)."""
+    tp = p.tensor_parallel_dim
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"tensor_parallel_dim must be an integer >= 1 (1: FSDP alone), got {tp!r}")
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("sequence_parallel=true shards the sequence over the tensor-parallel ranks: set "
+                          "tensor_parallel_dim > 1 (e.g. 2) or sequence_parallel=false")
+    if tp > 1 and getattr(p, "float8", False):
+        raise ConfigError(f"float8=true is not supported with tensor_parallel_dim={tp}: set float8=false or "
+                          f"tensor_parallel_dim=1")
+    if tp > 1 and getattr(p, "quantize_base", False):
+        raise ConfigError(f"quantize_base=true (QLoRA) is not supported with tensor_parallel_dim={tp} (NF4 blocks "
+                          f"cannot be split column-wise): set quantize_base=false or tensor_parallel_dim=1")
+
+
 def check_float8(p: Any) -> None:
     """float8 matmuls need an NVIDIA GPU (compute capability 8.9+, checked by the recipe on its device)."""
     if p.float8 and p.device == "cpu":

@@ -12,8 +12,10 @@ PAD_DOCUMENT_ID = -1
 
 
 def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX,
-                   pad_to: int | None = None, attn_mask: bool = False) -> dict[str, torch.Tensor]:
-    """Right-pad each item's "tokens" with `pad_id` and "labels" with `ignore_index` to the longest item (or `pad_to`).
+                   pad_to: int | None = None, pad_to_multiple_of: int = 1,
+                   attn_mask: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad each item's "tokens" with `pad_id` and "labels" with `ignore_index` to the longest item (or `pad_to`),
+    rounded up to a multiple of `pad_to_multiple_of` (sequence parallel cuts the sequence in that many equal parts).
 
     Padding goes on the right so, with causal attention, real tokens never attend to padding and need no mask;
     padded label positions are ignored by the loss. Packed items also carry "position_ids" (padded with 0) and
@@ -29,6 +31,7 @@ def padded_collate(batch: list[dict], *, pad_id: int, ignore_index: int = CROSS_
         if max_len > pad_to:
             raise ValueError(f"an item has {max_len} tokens, more than pad_to={pad_to}")
         max_len = pad_to
+    max_len = -(-max_len // pad_to_multiple_of) * pad_to_multiple_of
     packed = "document_ids" in batch[0]
     tokens = torch.full((len(batch), max_len), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), max_len), ignore_index, dtype=torch.long)

@@ -31,7 +31,9 @@ models on 2/4/8 ranks), and the world needs 2+ processes (FSDP2's world-of-one p
 
 import math
 import os
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +91,7 @@ def init_distributed(device_name: str) -> DistributedEnv:
 
 
 def shard_model(model: TransformerDecoder, *, bf16: bool, cpu_offload: bool,
-                reshard_after_forward: bool = True, prefetch: bool = True) -> TransformerDecoder:
+                reshard_after_forward: bool = True, prefetch: bool = True, mesh=None) -> TransformerDecoder:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm and head form the root's group).
 
     With `bf16`, parameters stay float32 (the sharded master copy the optimizer updates) and are cast to bf16 for
@@ -102,17 +104,21 @@ def shard_model(model: TransformerDecoder, *, bf16: bool, cpu_offload: bool,
     weights (the backward starts with it) and the root's are kept by FSDP itself. `prefetch` issues layer i+1's
     all-gather before layer i computes (forward) and layer i-1's before layer i's backward, so communication
     overlaps compute even when the host does not run ahead of the GPU (e.g. right after a host sync).
+
+    `mesh`: the 1-D data-parallel mesh to shard over (`tensor_parallel.mesh_dim(mesh, "dp")` under tensor
+    parallelism, called after `apply_tensor_parallel`; it may hold one rank, which keeps FSDP's mixed precision);
+    None: every rank of the default group.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    _prepare_nf4_for_sharding(model, dist.get_world_size())
+    _prepare_nf4_for_sharding(model, mesh.size() if mesh is not None else dist.get_world_size())
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     offload_policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     layers = list(model.model.layers)
     for index, layer in enumerate(layers):
-        fully_shard(layer, mp_policy=mp_policy, offload_policy=offload_policy,
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy,
                     reshard_after_forward=reshard_after_forward and index < len(layers) - 1)
-    fully_shard(model, mp_policy=mp_policy, offload_policy=offload_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
     if prefetch:
         for previous, layer in zip(layers, layers[1:]):
             previous.set_modules_to_forward_prefetch([layer])
@@ -130,7 +136,9 @@ def load_full_state_dict(model: TransformerDecoder, full_state_dict: dict[str, t
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    model.to_empty(device=device)  # keeps a tied lm_head/embedding pair tied (one Parameter, sharded once)
+    model.to_empty(device=device)  # keeps an FSDP-sharded tied lm_head/embedding pair tied (one Parameter)
+    if model.args.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        model.tie_weights()  # plain (unsharded) parameters: to_empty made two
     nf4_keys = [f"{name}.{attr}" for name, _, attr in _nf4_weights(model)]
     if full_state_dict is not None:
         _check_keys(model, full_state_dict)
@@ -343,6 +351,21 @@ def decided_by_rank_zero(decide: Callable[[], Any]) -> Any:
     if box[1] is not None:
         raise MytuneError(box[1])
     return box[0]
+
+
+@contextmanager
+def error_from_rank_zero():
+    """Around a check that every rank makes alike (a setting that does not fit the model or the world): its
+    MytuneError is raised on rank 0 only, the job's one error line. The other ranks wait to be stopped by torchrun
+    once rank 0 has exited: exiting at the same time, one of them may be the failure torchrun sees first, and
+    torchrun then kills rank 0 before it prints."""
+    try:
+        yield
+    except MytuneError:
+        if dist.get_rank() != 0:
+            time.sleep(30)
+            raise SystemExit(2) from None
+        raise
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -75,11 +75,13 @@ from mytune.models.transformer import ModelArgs, TransformerDecoder
 from mytune.modules.lora import LoRALinear
 
 
-def make_device_mesh(world_size: int, tensor_parallel_dim: int, device_type: str):
+def make_device_mesh(world_size: int, tensor_parallel_dim: int, device_type: str, *, keep_dp: bool = False):
     """The device mesh for `world_size` processes: ("dp", "tp") of shape (world_size // tp, tp), tp innermost (the
     ranks of one tp group are neighbours: on one node, with NVLink); 1-D ("dp",) or ("tp",) when the other is 1.
 
     tp ranks: `mesh["tp"]` (absent at tp=1); FSDP over `mesh["dp"]` (absent when dp=1: then no FSDP is needed).
+    `keep_dp`: a ("dp", "tp") mesh at dp=1 too (tp > 1), so that a recipe can always `fully_shard` over
+    `mesh["dp"]` (one rank: nothing is split, but FSDP's bf16 mixed precision and float32 masters stay as at dp > 1).
     The default process group must exist (`distributed.init_distributed`) with `world_size` ranks.
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -91,7 +93,7 @@ def make_device_mesh(world_size: int, tensor_parallel_dim: int, device_type: str
     dp = world_size // tp
     if tp == 1:
         return init_device_mesh(device_type, (dp,), mesh_dim_names=("dp",))
-    if dp == 1:
+    if dp == 1 and not keep_dp:
         return init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
     return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
 
@@ -258,8 +260,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for key, grads in groups.items():
         if isinstance(key, tuple):
-            mesh = key[0]
-            scale = DTensor.from_local(coef.to(mesh.device_type), mesh, [Replicate()] * mesh.ndim, run_check=False)
+            mesh = key[0]  # the local shards' device (the CPU under FSDP's CPU offload), not the mesh's
+            scale = DTensor.from_local(coef.to(grads[0].to_local().device), mesh, [Replicate()] * mesh.ndim,
+                                       run_check=False)
         else:
             scale = coef.to(key)
         for grad in grads:

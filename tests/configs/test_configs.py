@@ -85,7 +85,7 @@ def test_nested_configs_map_to_their_recipe_and_are_found_by_name(tmp_path, monk
     nested = root / "configs" / "full_finetune_single_device" / "experiments" / "tiny_demo_long.yaml"
     nested.parent.mkdir(parents=True)
     shipped = CONFIGS_ROOT / "full_finetune_single_device" / "tiny_demo.yaml"
-    nested.write_text(shipped.read_text().replace("epochs: 2", "epochs: 3"))
+    nested.write_text(shipped.read_text().replace("epochs: 6", "epochs: 3"))
     assert recipe_of(nested, root / "configs") == "full_finetune_single_device"
     assert config_id(nested, root / "configs") == "full_finetune_single_device/experiments/tiny_demo_long"
     monkeypatch.setattr(configs, "recipes_dir", lambda: root)

@@ -45,3 +45,13 @@ def test_seq_lens_count_a_final_eos_that_equals_pad_id():
     out = padded_collate([{"tokens": [1, 7, 2], "labels": [1, 7, 2]}, {"tokens": [1, 2], "labels": [1, 2]}], pad_id=2)
     assert out["tokens"].tolist() == [[1, 7, 2], [1, 2, 2]]
     assert out["seq_lens"].tolist() == [3, 2] and int((out["tokens"] != 2).sum()) == 3
+
+
+def test_pad_to_multiple_of_rounds_the_length_up_with_unlabelled_padding():
+    batch = padded_collate([{"tokens": [5, 6, 7], "labels": [5, 6, 7]}, {"tokens": [8], "labels": [8]}], pad_id=0,
+                           pad_to_multiple_of=4)
+    assert batch["tokens"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7, -100], [8, -100, -100, -100]]
+    assert batch["seq_lens"].tolist() == [3, 1]
+    even = padded_collate([{"tokens": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}], pad_id=0, pad_to_multiple_of=2)
+    assert even["tokens"].shape == (1, 4)
