@@ -3,6 +3,7 @@
     mytune --nproc_per_node 8 knowledge_distillation_distributed --config llama3_2_1b \\
         --override checkpoint_dir=/models/Llama-3.2-1B-Instruct teacher_checkpoint_dir=/models/Llama-3.1-8B-Instruct
     mytune --nproc_per_node 2 knowledge_distillation_distributed --config tiny_demo          # CPU, gloo
+    mytune --nproc_per_node 8 knowledge_distillation_distributed --config llama3_2_1b --override tensor_parallel_dim=2
 
 `knowledge_distillation_single_device` adapted to FSDP2 the way `full_finetune_distributed` adapts the SFT recipe
 (the duplication is on purpose: read or copy one file). The student trains on `(1 - kd_ratio) * CE + kd_ratio *
@@ -18,6 +19,12 @@ tokens at a time (`mytune.training.distillation`). Differences from the single-d
 - rank 0 tokenizes the data and checks the teacher's tokenizer (one line on every rank when it differs); a
   `ResumableSampler` gives each rank its part of every global batch; losses and validation sums are all-reduced;
   only rank 0 logs and writes the checkpoint files, while every rank takes part in gathering them.
+
+Tensor parallel (`tensor_parallel_dim` > 1) is `full_finetune_distributed`'s: a (dp, tp) mesh, each decoder layer
+split over the tp ranks of a group (a LoRA student's adapters follow their base layers), FSDP over dp, the data, token
+counts and loss sums per dp group. The frozen teacher gets the same layout (its heads and MLP must divide by tp too),
+so both models run their matmuls split and the chunked KD loss sees both whole heads. An NF4 teacher
+(`teacher_quantize`) is refused under TP, as QLoRA is (NF4 blocks cannot be split by columns).
 
 Checkpoints: `output_dir/step_<N>/` holds the student's Hugging Face files (the float32 master weights of a full
 student, as `full_finetune_distributed` saves them; with LoRA the merged model and `adapter/` in float32) plus
@@ -86,6 +93,13 @@ from mytune.training.recipe_state import (
 )
 from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
 from mytune.training.safety import check_finite
+from mytune.training.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    make_device_mesh,
+    mesh_dim,
+)
 from recipes.params.knowledge_distillation_distributed import KnowledgeDistillationDistributedParams
 
 ADAPTER_DIR_NAME = "adapter"
@@ -99,6 +113,13 @@ class KnowledgeDistillationRecipeDistributed:
         self.dist = distributed.init_distributed(params.device)
         self.device = self.dist.device
         self.is_rank_zero = self.dist.is_rank_zero
+        # The (dp, tp) mesh: tp = tensor_parallel_dim neighbouring ranks split each layer of both models, FSDP shards
+        # over the dp groups (at tp=1: one "dp" dimension, every rank). The data and the loss sums follow dp.
+        self.tp = params.tensor_parallel_dim
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the number of processes
+            mesh = make_device_mesh(self.dist.world_size, self.tp, self.device.type, keep_dp=True)
+        self.tp_mesh, self.dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+        self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.output_dir = Path(params.output_dir)
         self.lora = bool(params.lora_target_modules)  # else the student is fine-tuned in full
         self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32  # a LoRA student's base
@@ -148,6 +169,8 @@ class KnowledgeDistillationRecipeDistributed:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
                 f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
             )
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the heads or the MLP
+            check_tensor_parallel(args, self.tp)
         if self.is_rank_zero:
             if source:
                 cpu_model = load_hf_model(source, device="cpu", dtype=torch.float32)
@@ -173,13 +196,16 @@ class KnowledgeDistillationRecipeDistributed:
                 for param in self.model.parameters():
                     if not param.requires_grad and type(param.data) is torch.Tensor:  # not NF4: QLoRA keeps its own
                         param.data = param.data.to(torch.bfloat16)
+        # Tensor parallel before the wrappers and FSDP: each layer's weights (and adapters) become DTensors split over
+        # the tp ranks (nothing changes at tp=1), which FSDP then shards again over the dp ranks.
+        apply_tensor_parallel(self.model, self.tp_mesh, sequence_parallel=p.sequence_parallel)
         # Before sharding; neither changes parameter names or state-dict keys.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if p.compile:
             compile_layers(self.model)
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
-                               reshard_after_forward=p.fsdp_reshard_after_forward)
+                               reshard_after_forward=p.fsdp_reshard_after_forward, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -220,13 +246,17 @@ class KnowledgeDistillationRecipeDistributed:
         if args.vocab_size < self.model.args.vocab_size:
             raise MytuneError(f"the teacher's embedding has {args.vocab_size} rows, fewer than the student's "
                               f"{self.model.args.vocab_size}: the teacher cannot score every student token")
+        with distributed.error_from_rank_zero():  # the teacher is split like the student: its heads must divide too
+            check_tensor_parallel(args, self.tp)
         with torch.device("meta"):
             self.teacher = TransformerDecoder(args).to(teacher_dtype)
         if p.teacher_quantize:
             quantize_teacher(self.teacher)  # NF4 on the meta device; rank 0's float weights are quantized whole
         self.teacher.requires_grad_(False)
-        # No mixed-precision policy: the shards are stored in the dtype they compute in.
-        distributed.shard_model(self.teacher, bf16=False, cpu_offload=p.cpu_offload)
+        # The student's layout: split over tp (frozen parameters stay frozen), then FSDP over dp. No mixed-precision
+        # policy: the shards are stored in the dtype they compute in.
+        apply_tensor_parallel(self.teacher, self.tp_mesh, sequence_parallel=p.sequence_parallel)
+        distributed.shard_model(self.teacher, bf16=False, cpu_offload=p.cpu_offload, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.teacher, full_state_dict, self.device)
         del full_state_dict
         self.teacher.eval()
@@ -251,8 +281,8 @@ class KnowledgeDistillationRecipeDistributed:
         if self.steps_per_epoch == 0:
             raise MytuneError(
                 f"dataset_path has {len(self.dataloader.dataset)} {'packed rows' if p.packed else 'samples'} for "
-                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * world "
-                f"size = {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"training, fewer than one optimizer step needs (batch_size * gradient_accumulation_steps * "
+                f"data-parallel size = {p.batch_size * p.gradient_accumulation_steps * self.dp_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -290,11 +320,13 @@ class KnowledgeDistillationRecipeDistributed:
             n_teacher = sum(t.numel() for t in self.teacher.parameters())
             student = (f"LoRA rank {p.lora_rank} on {', '.join(p.lora_target_modules)}: " if self.lora else "") + \
                 f"{n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.2f}M params"
+            layout = (f" (FSDP over {self.dp_size} x tensor parallel over {self.tp}"
+                      f"{', sequence parallel' if p.sequence_parallel else ''})" if self.tp > 1 else "")
             print(
                 f"knowledge_distillation_distributed: student {student} in {p.dtype}, teacher {n_teacher / 1e6:.2f}M "
                 f"params in {'nf4/' if p.teacher_quantize else ''}{p.teacher_dtype}, sharded over "
-                f"{self.dist.world_size} process(es) on {self.device.type}, kd_ratio {p.kd_ratio}, {self.total_steps} "
-                f"steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"{self.dist.world_size} process(es){layout} on {self.device.type}, kd_ratio {p.kd_ratio}, "
+                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dp_size} "
                 f"{'packed rows' if p.packed else 'samples'} with {p.optimizer}",
                 flush=True,
             )
@@ -356,9 +388,12 @@ class KnowledgeDistillationRecipeDistributed:
                 print(f"validation: {val_dataset.num_samples} of the samples (val_fraction={p.val_fraction}), "
                       f"training: {dataset.num_samples}", flush=True)
 
-        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id)
-        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
-        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+        # Sequence parallel cuts the sequence in tp equal parts: each batch is padded to a multiple of tp.
+        collate = partial(padded_collate, pad_id=self.tokenizer.pad_id,
+                          pad_to_multiple_of=self.tp if p.sequence_parallel else 1)
+        # Data-parallel rank d takes positions d, d + dp, d + 2 * dp, ... of each epoch's seeded order (the same on
+        # every rank); the tp ranks of one group share a dp rank and so read the same batches.
+        sampler = ResumableSampler(dataset, rank=self.dp_rank, world_size=self.dp_size, shuffle=p.shuffle,
                                    seed=p.seed)
         # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
         pin = self.device.type == "cuda"
@@ -369,7 +404,7 @@ class KnowledgeDistillationRecipeDistributed:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
             # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
             # leaves the repeated samples out of the loss.
-            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+            val_sampler = ResumableSampler(val_dataset, rank=self.dp_rank, world_size=self.dp_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
                                              collate_fn=collate, pin_memory=pin)
@@ -395,7 +430,7 @@ class KnowledgeDistillationRecipeDistributed:
                     profiler.step()
 
                     seconds = time.perf_counter() - step_start
-                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all dp ranks' tokens: the job's throughput
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", kd=f"{metrics['kd_loss']:.4f}",
                                          tok_s=f"{tokens_per_s:.0f}")
@@ -424,28 +459,29 @@ class KnowledgeDistillationRecipeDistributed:
         """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
         are the same on every rank (losses and token counts summed over the ranks)."""
         p = self.params
-        world_size = self.dist.world_size
-        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        # Normalise by the label tokens of the whole optimizer step on ALL ranks, not per rank or micro-batch. The
+        # sums run over every rank, and the tp ranks of a group hold the same batch: divided by tp, each counts once.
         local_label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
         local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
-        num_label_tokens, num_input_tokens = distributed.all_reduce_sum(
-            [local_label_tokens, local_input_tokens], self.device
-        )
+        num_label_tokens, num_input_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [local_label_tokens, local_input_tokens], self.device))
         micro_losses = []  # (ce, kd) read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
             with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 ce, kd = (loss / max(num_label_tokens, 1) for loss in self.loss_sums(batch))
-            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-            # the gradient is that of sum(token losses of the global batch) / num_label_tokens.
-            (((1 - p.kd_ratio) * ce + p.kd_ratio * kd) * world_size).backward()
+            # FSDP averages gradients over the dp ranks; scaling by their number turns that mean into the sum, so
+            # the gradient is that of sum(token losses of the global batch) / num_label_tokens (the tp ranks of a
+            # group compute one gradient together: DTensor sums the parts, nothing to scale).
+            (((1 - p.kd_ratio) * ce + p.kd_ratio * kd) * self.dp_size).backward()
             micro_losses.append(torch.stack([ce.detach(), kd.detach()]))
         local_ce, local_kd = torch.stack(micro_losses).sum(0).tolist()
         # The preemption flag rides on the loss all-reduce the step does anyway: every rank learns whether any rank
         # was signalled (SIGTERM) without a collective of its own, so all stop after the same step.
-        ce_loss, kd_loss, signalled = distributed.all_reduce_sum(
+        ce_sum, kd_sum, signalled = distributed.all_reduce_sum(
             [local_ce, local_kd, float(self.preemption.should_stop)], self.device
         )
+        ce_loss, kd_loss = ce_sum / self.tp, kd_sum / self.tp  # each tp group's losses counted once
         self.stop_requested = signalled > 0
         step_loss = (1 - p.kd_ratio) * ce_loss + p.kd_ratio * kd_loss
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
@@ -453,7 +489,9 @@ class KnowledgeDistillationRecipeDistributed:
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+            # Under TP the gradients are DTensors on two meshes (dp x tp, and dp), which torch's own clip cannot mix.
+            clip = clip_grad_norm_ if self.tp > 1 else torch.nn.utils.clip_grad_norm_
+            norm = clip(self.trainable, p.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -488,19 +526,20 @@ class KnowledgeDistillationRecipeDistributed:
 
     def evaluate(self) -> dict[str, float]:
         """The loss, its CE and KL parts per label token over the validation set (its first `max_eval_batches`
-        batches per rank), and the CE's perplexity. Each rank sums its shard; the sums are added over all ranks."""
+        batches per dp rank), and the CE's perplexity. Each dp rank sums its shard; the sums are added over all ranks
+        (each tp group counted once)."""
         p = self.params
-        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        dp_size, num_items = self.dp_size, len(self.val_dataloader.dataset)
         self.model.eval()
         ce_sum, kd_sum, num_label_tokens = 0.0, 0.0, 0
         with torch.no_grad():
             for index, batch in enumerate(self.val_dataloader):
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
-                # This rank's j-th item is position rank + j * world_size of the validation order; positions past
-                # its end are the wrap-around repeats: no loss on them.
+                # This dp rank's j-th item is position dp_rank + j * dp_size of the validation order; positions
+                # past its end are the wrap-around repeats: no loss on them.
                 first = index * p.batch_size
-                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["labels"]))
+                positions = self.dp_rank + dp_size * torch.arange(first, first + len(batch["labels"]))
                 batch["labels"][positions >= num_items] = IGNORE_INDEX
                 batch["label_positions"] = label_positions(batch["labels"])
                 batch = move_batch(batch, self.device)
@@ -508,7 +547,8 @@ class KnowledgeDistillationRecipeDistributed:
                 ce_sum, kd_sum = ce_sum + ce.item(), kd_sum + kd.item()
                 num_label_tokens += count_label_tokens(batch["labels"])
         self.model.train()
-        ce_sum, kd_sum, num_label_tokens = distributed.all_reduce_sum([ce_sum, kd_sum, num_label_tokens], self.device)
+        ce_sum, kd_sum, num_label_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [ce_sum, kd_sum, num_label_tokens], self.device))
         ce_loss, kd_loss = ce_sum / max(num_label_tokens, 1), kd_sum / max(num_label_tokens, 1)
         return {"val_loss": (1 - p.kd_ratio) * ce_loss + p.kd_ratio * kd_loss, "val_ce_loss": ce_loss,
                 "val_kd_loss": kd_loss, "val_perplexity": math.exp(ce_loss) if ce_loss < 700 else math.inf,

@@ -1,9 +1,10 @@
 """Parameters of the `knowledge_distillation_distributed` recipe: the one schema for its YAML configs and `--override`s.
 
 The fields and their meaning are those of `knowledge_distillation_single_device` (so a config moves between the two by
-changing its device and sizes), plus `cpu_offload` and `fsdp_reshard_after_forward` as in `full_finetune_distributed`.
-`batch_size` is per process: the global batch of one optimizer step is batch_size * gradient_accumulation_steps *
-world size.
+changing its device and sizes), plus `cpu_offload`, `fsdp_reshard_after_forward`, `tensor_parallel_dim` and
+`sequence_parallel` as in `full_finetune_distributed`. `batch_size` is per data-parallel rank: the global batch of one
+optimizer step is batch_size * gradient_accumulation_steps * world size / tensor_parallel_dim (the ranks of one
+tensor-parallel group share their batch).
 """
 
 from dataclasses import dataclass, field
@@ -13,8 +14,10 @@ from mytune.config.validation import (
     check_data_fields,
     check_distillation_fields,
     check_distributed_device,
+    check_tensor_parallel_fields,
     check_training_fields,
 )
+from mytune.errors import ConfigError
 
 
 @dataclass
@@ -103,6 +106,8 @@ class KnowledgeDistillationDistributedParams:
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters (student and teacher), gradients and optimizer state in CPU memory (GPU runs)
     fsdp_reshard_after_forward: bool = True  # free each student layer's gathered weights after its forward (less memory; false: no second all-gather in the backward)
+    tensor_parallel_dim: int = 1  # tensor parallel: split each layer's matmuls (attention heads, MLP) of the student and the teacher over this many processes (a divisor of the world size, within a node); FSDP shards over the world size / tensor_parallel_dim groups
+    sequence_parallel: bool = False  # with tensor_parallel_dim > 1: also split the norms' and residuals' activations along the sequence (less activation memory; batches padded to a multiple of tensor_parallel_dim)
     seed: int = 0  # seeds model init (a random teacher: seed + 1), adapter init, data order and dropout
     log_every_n_steps: int = 1  # optimizer steps between metrics lines
     metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
@@ -114,3 +119,8 @@ class KnowledgeDistillationDistributedParams:
         check_distillation_fields(self)
         check_distributed_device(self)
         check_data_fields(self)
+        check_tensor_parallel_fields(self)
+        if self.teacher_quantize and self.tensor_parallel_dim > 1:
+            raise ConfigError(f"teacher_quantize=true (an NF4 teacher) is not supported with tensor_parallel_dim="
+                              f"{self.tensor_parallel_dim} (NF4 blocks cannot be split column-wise): set "
+                              f"teacher_quantize=false or tensor_parallel_dim=1")
