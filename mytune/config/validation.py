@@ -251,27 +251,13 @@ def check_data_fields(p: Any) -> None:
                               f"({', '.join(DATASET_COLUMNS)}), values your dataset's names for them")
         if not isinstance(theirs, str) or not theirs:
             raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
-    is_jinja = "{{" in p.chat_template or "{%" in p.chat_template
-    if p.chat_template and p.chat_template not in CHAT_TEMPLATES and not is_jinja:
-        raise ConfigError(f"chat_template must be empty (the tokenizer's own), one of {', '.join(CHAT_TEMPLATES)} "
-                          f"or a Jinja template string, got {p.chat_template!r}")
+    check_chat_template(p.chat_template)
     if p.chat_template == "alpaca" and p.dataset_format == "chat":
         raise ConfigError("chat_template=alpaca renders instruct rows only; for dataset_format=chat use "
                           "llama2, llama3, chatml or tokenizer")
     if p.truncation not in ("truncate", "drop"):
         raise ConfigError(f"truncation must be truncate or drop, got {p.truncation!r}")
-    if not 0 <= p.val_fraction < 1:
-        raise ConfigError(f"val_fraction must be >= 0 and < 1, got {p.val_fraction}")
-    if p.dataset_val and p.val_fraction > 0:
-        raise ConfigError("dataset_val and val_fraction are both set: validate on dataset_val (val_fraction=0) "
-                          "or on a fraction of dataset_path (dataset_val empty)")
-    if p.eval_every_n_steps < 0:
-        raise ConfigError(f"eval_every_n_steps must be >= 0 (0: only after the last step), got {p.eval_every_n_steps}")
-    if p.eval_every_n_steps > 0 and not (p.dataset_val or p.val_fraction > 0):
-        raise ConfigError(f"eval_every_n_steps={p.eval_every_n_steps} but there is no validation data: "
-                          "set val_fraction (e.g. 0.05) or dataset_val, or eval_every_n_steps=0")
-    if p.max_eval_batches is not None and p.max_eval_batches < 1:
-        raise ConfigError(f"max_eval_batches must be >= 1 or null (the whole validation set), got {p.max_eval_batches}")
+    check_validation_fields(p)
 
 
 def dataset_sources(value: Any) -> list[str]:
