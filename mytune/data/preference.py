@@ -41,17 +41,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mytune.data.cache import cache_key, content_fingerprint, load_entry, save_entry, tokenizer_fingerprint, warn
+from mytune.data.cache import cache_key, load_entry, save_entry, tokenizer_fingerprint, warn
 from mytune.data.collate import padded_collate
 from mytune.data.encoding import special_token_strings
 from mytune.data.formats import Example, RowError, column_label, string_column, to_example
-from mytune.data.rows import RowTable, local_data_files, looks_like_hub_name, open_hub_dataset, read_rows
+from mytune.data.rows import RowTable, read_rows
 from mytune.data.sft import (
     CROSS_ENTROPY_IGNORE_INDEX,
     DataSettings,
     TokenizeJob,
     check_settings,
     run_tokenize_job,
+    source_identity,
     tokenizer_workers,
 )
 from mytune.data.templates import PromptRenderer, Rendered, resolve_template
@@ -156,16 +157,11 @@ def build_preference_dataset(path: str | Path, tokenizer: object, *, max_seq_len
     - `num_proc`: tokenizer processes (None: automatic, as for SFT).
     """
     settings = _preference_settings(max_seq_len, column_map, chat_template, skip_bad_rows, truncation, num_proc)
-    files, hub, data_id = local_data_files(path), None, None
-    if files is None and looks_like_hub_name(str(path)):
-        hub = open_hub_dataset(str(path), split)
-        data_id = [hub[1]]
+    hub, data_id = source_identity(path, split, fingerprint=cache_dir is not None)
     key = None
     vocab_size = getattr(tokenizer, "vocab_size", None)
-    if cache_dir is not None and (files is not None or hub is not None):  # else a missing path: read_rows says so
+    if cache_dir is not None and data_id is not None:  # else a missing path: read_rows says so
         cache_dir = Path(cache_dir).expanduser()
-        if files is not None:
-            data_id = content_fingerprint(files)
         key = cache_key(data_id, tokenizer_fingerprint(tokenizer),
                         {**settings.cache_fields(), "kind": CACHE_KIND, "split": split})
         cached = load_entry(cache_dir, key, vocab_size=vocab_size)

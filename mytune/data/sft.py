@@ -214,18 +214,11 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
     """
     settings = check_settings(max_seq_len, dataset_format, column_map, chat_template, skip_bad_rows, truncation,
                                num_proc, row_transform=row_transform)
-    # The data's identity before any row is read: local files by their bytes (path, size and mtime survive an
-    # in-place edit: cp -p, rsync, tar); a hub dataset once opened.
-    files, hub, data_id = local_data_files(path), None, None
-    if files is None and looks_like_hub_name(str(path)):
-        hub = open_hub_dataset(str(path), split)
-        data_id = [hub[1]]
+    hub, data_id = source_identity(path, split, fingerprint=cache_dir is not None)
     key = None
     vocab_size = getattr(tokenizer, "vocab_size", None)
-    if cache_dir is not None and (files is not None or hub is not None):  # else a missing path: read_rows says so
+    if cache_dir is not None and data_id is not None:  # else a missing path: read_rows says so
         cache_dir = Path(cache_dir).expanduser()
-        if files is not None:
-            data_id = content_fingerprint(files)
         key = cache_key(data_id, tokenizer_fingerprint(tokenizer), {**settings.cache_fields(), "split": split})
         if (cached := load_entry(cache_dir, key, vocab_size=vocab_size)) is not None:
             return _from_arrays(*cached, settings, train_on_input, packed, cache="hit")
@@ -236,6 +229,19 @@ def build_sft_dataset(path: str | Path, tokenizer: object, *, max_seq_len: int, 
         written = save_entry(cache_dir, key, tokens, targets, offsets, meta, vocab_size=vocab_size)
         cache = "written" if written is not None else "not written"
     return _from_arrays(tokens, targets, offsets, meta, settings, train_on_input, packed, cache=cache)
+
+
+def source_identity(path: str | Path, split: str, *, fingerprint: bool) -> tuple[object | None, list[str] | None]:
+    """The opened hub dataset (else None) and the data's identity for a cache key, known before any row is read:
+    local files by their bytes (path, size and mtime survive an in-place edit: cp -p, rsync, tar; hashed only when
+    `fingerprint`), a hub dataset by its name and revision. None when the path is neither (read_rows then says so)."""
+    files = local_data_files(path)
+    if files is not None:
+        return None, content_fingerprint(files) if fingerprint else None
+    if looks_like_hub_name(str(path)):
+        hub = open_hub_dataset(str(path), split)
+        return hub, [hub[1]]
+    return None, None
 
 
 def sft_dataset_from_rows(rows: list, tokenizer: object, *, max_seq_len: int, source: str = "<rows>",
