@@ -138,16 +138,21 @@ def check_preference_fields(p: Any) -> None:
     if not isinstance(p.dataset_path, str) or p.dataset_path.strip().startswith("["):
         raise ConfigError(f"dataset_path must name one source (a file, folder or hub dataset); the preference recipes "
                           f"do not mix datasets, got {p.dataset_path!r}")
-    for ours, theirs in p.column_map.items():
-        if ours not in PREFERENCE_COLUMNS:
-            raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
-                              f"({', '.join(PREFERENCE_COLUMNS)}), values your dataset's names for them")
-        if not isinstance(theirs, str) or not theirs:
-            raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
+    check_column_map(p.column_map, PREFERENCE_COLUMNS)
     check_chat_template(p.chat_template)
     if p.truncation not in ("truncate", "drop"):
         raise ConfigError(f"truncation must be truncate or drop, got {p.truncation!r}")
     check_validation_fields(p)
+
+
+def check_column_map(column_map: dict, columns: tuple[str, ...]) -> None:
+    """column_map's keys are columns mytune reads (`columns`), its values the dataset's non-empty names for them."""
+    for ours, theirs in column_map.items():
+        if ours not in columns:
+            raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
+                              f"({', '.join(columns)}), values your dataset's names for them")
+        if not isinstance(theirs, str) or not theirs:
+            raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
 
 
 def check_chat_template(chat_template: str) -> None:
@@ -245,12 +250,7 @@ def check_data_fields(p: Any) -> None:
     if not isinstance(p.row_transform, str) or (p.row_transform and p.row_transform.count(":") != 1):
         raise ConfigError(f"row_transform must be an import path module:function (e.g. my_pkg.rows:to_chat) or "
                           f"empty, got {p.row_transform!r}")
-    for ours, theirs in p.column_map.items():
-        if ours not in DATASET_COLUMNS:
-            raise ConfigError(f"column_map: unknown column {ours!r}; keys are the columns mytune reads "
-                              f"({', '.join(DATASET_COLUMNS)}), values your dataset's names for them")
-        if not isinstance(theirs, str) or not theirs:
-            raise ConfigError(f"column_map: {ours!r} must map to a column name of your dataset, got {theirs!r}")
+    check_column_map(p.column_map, DATASET_COLUMNS)
     check_chat_template(p.chat_template)
     if p.chat_template == "alpaca" and p.dataset_format == "chat":
         raise ConfigError("chat_template=alpaca renders instruct rows only; for dataset_format=chat use "
