@@ -3,6 +3,7 @@
     mytune --nproc_per_node 8 full_dpo_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B
     mytune --nproc_per_node 2 full_dpo_distributed --config tiny_demo          # CPU, gloo
     mytune full_dpo_distributed --config tiny_demo                             # one process, no torchrun
+    mytune --nproc_per_node 8 full_dpo_distributed --config llama3_1_70b --override tensor_parallel_dim=8
 
 `full_finetune_distributed` with preference pairs and a preference loss (the duplication is on purpose: read or copy
 one file). Every weight of the policy trains; the reference is a second copy of the starting weights (the same
@@ -17,6 +18,11 @@ log-probs of the labelled (response) tokens are summed per sequence (`sequence_l
 float32 tensor is kept) and the preference loss is TRL's (`mytune.training.preference`). The loss of an optimizer step
 is the mean over the pairs of the whole global batch (all micro-batches, all ranks), so its gradient equals that of
 one process holding the whole batch; the logged rewards and log-probs are means over the same pairs.
+
+Tensor parallel (`tensor_parallel_dim` > 1) is `full_finetune_distributed`'s: a (dp, tp) mesh, each decoder layer
+split over the tp ranks of a group, FSDP over dp; the frozen reference gets the very same layout as the policy. The
+tp ranks of a group read the same pairs (data split by the dp rank, also for `precompute_reference_logps`: each tp
+group computes one block together); the pair counts and metric sums are all-reduced over all ranks and divided by tp.
 
 Checkpoints: as `full_finetune_distributed` (`output_dir/step_<N>/` = the policy's HF files in float32 +
 `recipe_state.pt`); a resumed run rebuilds the reference from `checkpoint_dir` (or the seed), never from the step.
@@ -49,7 +55,7 @@ from mytune.training.layer_wrappers import (
 )
 from mytune.training.lifetime import StopSignals, exit_with_launcher
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import build_metric_loggers, truncate_metrics
+from mytune.training.metrics import build_metric_loggers, run_summary, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.preference import (
     METRIC_NAMES,
@@ -75,6 +81,13 @@ from mytune.training.recipe_state import (
 )
 from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
 from mytune.training.safety import check_finite
+from mytune.training.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    make_device_mesh,
+    mesh_dim,
+)
 from recipes.params.full_dpo_distributed import FullDPODistributedParams
 
 
@@ -86,8 +99,16 @@ class FullDPORecipeDistributed:
         self.dist = distributed.init_distributed(params.device)
         self.device = self.dist.device
         self.is_rank_zero = self.dist.is_rank_zero
+        # The (dp, tp) mesh: tp = tensor_parallel_dim neighbouring ranks split each layer, FSDP shards over the dp
+        # groups (at tp=1: one "dp" dimension, every rank). The data and the metric sums follow the dp rank and size.
+        self.tp = params.tensor_parallel_dim
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the number of processes
+            mesh = make_device_mesh(self.dist.world_size, self.tp, self.device.type, keep_dp=True)
+        self.tp_mesh, self.dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+        self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.output_dir = Path(params.output_dir)
         self.global_step = 0
+        self.last_logged: dict = {}  # rank 0's newest logged metrics, for the closing summary
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
         # Rank 0 also holds the output_dir's lock until cleanup and refuses to mix with another run's step_<N>.
@@ -121,6 +142,8 @@ class FullDPORecipeDistributed:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
                 f"{start_args.vocab_size}: tokenizer_path does not belong to this checkpoint"
             )
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the heads or the MLP
+            check_tensor_parallel(start_args, self.tp)
         start = None  # rank 0: the run's starting weights, for the reference and (fresh runs) the policy
         if self.is_rank_zero and (self.resume_dir is None or self.needs_reference_model()):
             start = self.start_state_dict(start_args)
@@ -139,12 +162,15 @@ class FullDPORecipeDistributed:
         if p.float8:
             check_float8_supported(self.device)
             convert_to_float8(self.model)
+        # Tensor parallel before the wrappers and FSDP: each layer's weights become DTensors split over the tp ranks
+        # (nothing changes at tp=1), which FSDP then shards again over the dp ranks.
+        apply_tensor_parallel(self.model, self.tp_mesh, sequence_parallel=p.sequence_parallel)
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if p.compile:
             compile_layers(self.model)
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
-                               reshard_after_forward=p.fsdp_reshard_after_forward)
+                               reshard_after_forward=p.fsdp_reshard_after_forward, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -178,7 +204,9 @@ class FullDPORecipeDistributed:
         with torch.device("meta"):
             reference = TransformerDecoder(args).to(dtype)
         reference.requires_grad_(False)
-        distributed.shard_model(reference, bf16=False, cpu_offload=p.cpu_offload)
+        # The policy's layout: the same tensor-parallel split, FSDP over the same dp ranks.
+        apply_tensor_parallel(reference, self.tp_mesh, sequence_parallel=p.sequence_parallel)
+        distributed.shard_model(reference, bf16=False, cpu_offload=p.cpu_offload, mesh=self.dp_mesh)
         if start is not None and dtype != torch.float32:
             start = {key: value.to(dtype) for key, value in start.items()}
         distributed.load_full_state_dict(reference, start, self.device)
@@ -205,8 +233,8 @@ class FullDPORecipeDistributed:
         if self.steps_per_epoch == 0:
             raise MytuneError(
                 f"dataset_path has {len(self.dataloader.dataset)} pairs for training, fewer than one optimizer step "
-                f"needs (batch_size * gradient_accumulation_steps * world size = "
-                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"needs (batch_size * gradient_accumulation_steps * data-parallel size = "
+                f"{p.batch_size * p.gradient_accumulation_steps * self.dp_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -244,10 +272,12 @@ class FullDPORecipeDistributed:
                 reference = "precomputed reference log-probs"
             else:
                 reference = "a frozen sharded reference"
+            layout = (f" (FSDP over {self.dp_size} x tensor parallel over {self.tp}"
+                      f"{', sequence parallel' if p.sequence_parallel else ''})" if self.tp > 1 else "")
             print(
                 f"full_dpo_distributed: {p.loss_type} on {n_params / 1e6:.1f}M params sharded over "
-                f"{self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, {reference}, "
-                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} "
+                f"{self.dist.world_size} process(es){layout} on {self.device.type} in {p.dtype}, {reference}, "
+                f"{self.total_steps} steps of {p.batch_size * p.gradient_accumulation_steps * self.dp_size} "
                 f"pairs with {p.optimizer}",
                 flush=True,
             )
@@ -322,8 +352,8 @@ class FullDPORecipeDistributed:
             return self.reference_logps(batch)
 
         compute = partial(reference_logps_for, logps_fn=logps_fn, cache_dir=self.cache_dir, model_identity=identity,
-                          batch_size=p.batch_size, collate=partial(preference_collate, pad_id=self.tokenizer.pad_id),
-                          device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
+                          batch_size=p.batch_size, collate=self.pair_collate, device=self.device,
+                          rank=self.dist.rank, world_size=self.dist.world_size, group=self.dp_mesh.get_group())
         self.dataset = WithReferenceLogps(self.dataset, compute(self.dataset, name="dataset_path"))
         if self.val_dataset is not None:
             self.val_dataset = WithReferenceLogps(self.val_dataset, compute(self.val_dataset, name="validation"))
@@ -338,10 +368,10 @@ class FullDPORecipeDistributed:
         p = self.params
         dataset, val_dataset = self.dataset, self.val_dataset
         # Precomputed reference log-probs, when the items carry them, become the batch's reference_*_logps.
-        collate = partial(collate_with_reference,
-                          collate=partial(preference_collate, pad_id=self.tokenizer.pad_id))
-        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
-        sampler = ResumableSampler(dataset, rank=self.dist.rank, world_size=self.dist.world_size, shuffle=p.shuffle,
+        collate = partial(collate_with_reference, collate=self.pair_collate)
+        # Data-parallel rank d takes positions d, d + dp, d + 2 * dp, ... of each epoch's seeded order (the same on
+        # every rank); the tp ranks of one group share a dp rank and so read the same pairs.
+        sampler = ResumableSampler(dataset, rank=self.dp_rank, world_size=self.dp_size, shuffle=p.shuffle,
                                    seed=p.seed)
         pin = self.device.type == "cuda"  # move_batch's non-blocking copies then overlap the host's work
         self.dataloader = ResumableDataLoader(dataset, batch_size=p.batch_size, sampler=sampler, collate_fn=collate,
@@ -351,10 +381,16 @@ class FullDPORecipeDistributed:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
             # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
             # leaves the repeated pairs out of the metrics.
-            val_sampler = ResumableSampler(val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+            val_sampler = ResumableSampler(val_dataset, rank=self.dp_rank, world_size=self.dp_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(val_dataset, batch_size=p.batch_size, sampler=val_sampler,
                                              collate_fn=collate, pin_memory=pin)
+
+    def pair_collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """`preference_collate`, its sequence padded to a multiple of tp under sequence parallel (which cuts it in
+        tp equal parts)."""
+        return preference_collate(items, pad_id=self.tokenizer.pad_id,
+                                  pad_to_multiple_of=self.tp if self.params.sequence_parallel else 1)
 
     def train(self) -> None:
         """Optimizer steps from `global_step` (0, or where a resumed run stopped) to `total_steps`, saving a
@@ -377,7 +413,7 @@ class FullDPORecipeDistributed:
                     profiler.step()
 
                     seconds = time.perf_counter() - step_start
-                    tokens_per_s = metrics["num_tokens"] / seconds  # all ranks' tokens: the job's throughput
+                    tokens_per_s = metrics["num_tokens"] / seconds  # all dp ranks' tokens: the job's throughput
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
                     last_step = self.global_step == self.total_steps
@@ -392,6 +428,7 @@ class FullDPORecipeDistributed:
                                            f"val_rewards/accuracies {metrics['val_rewards/accuracies']:.3f}")
                     if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
                         self.metric_logger.log(metrics)
+                        self.last_logged = metrics  # for the run's closing summary
                     if self.stop_requested:  # the same on every rank: train_step's loss all-reduce carried the flag
                         if self.is_rank_zero:
                             progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
@@ -405,11 +442,13 @@ class FullDPORecipeDistributed:
         """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
         are the same on every rank (means over all the step's pairs on all ranks)."""
         p = self.params
-        world_size = self.dist.world_size
         # The loss is the mean over the pairs of the whole optimizer step on ALL ranks, not per rank or micro-batch.
+        # The sums run over every rank, and the tp ranks of a group hold the same pairs: divided by tp, each counts
+        # once.
         local_pairs = sum(len(b["tokens"]) // 2 for b in micro_batches)
         local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
-        num_pairs, num_input_tokens = distributed.all_reduce_sum([local_pairs, local_input_tokens], self.device)
+        num_pairs, num_input_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [local_pairs, local_input_tokens], self.device))
         outputs = []  # detached; read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
@@ -417,9 +456,10 @@ class FullDPORecipeDistributed:
             with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 out, chosen, rejected = self.pair_loss(self.model, batch, reference_chosen, reference_rejected)
                 loss = out.losses.sum() / num_pairs
-            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-            # the gradient is that of sum(pair losses of the global batch) / num_pairs.
-            (loss * world_size).backward()
+            # FSDP averages gradients over the dp ranks; scaling by their number turns that mean into the sum, so
+            # the gradient is that of sum(pair losses of the global batch) / num_pairs (the tp ranks of a group
+            # compute one gradient together: DTensor sums the parts, nothing to scale).
+            (loss * self.dp_size).backward()
             outputs.append((detached(out), chosen.detach(), rejected.detach()))
         local = step_metric_sums(outputs)  # sums over this rank's pairs
         # The preemption flag rides on the metrics' all-reduce the step does anyway: every rank learns whether any
@@ -428,14 +468,16 @@ class FullDPORecipeDistributed:
         *sums, signalled = distributed.all_reduce_sum([local[name] for name in names] +
                                                       [float(self.preemption.should_stop)], self.device)
         self.stop_requested = signalled > 0
-        metrics = {name: value / max(num_pairs, 1) for name, value in zip(names, sums)}
+        metrics = {name: value / self.tp / max(num_pairs, 1) for name, value in zip(names, sums)}
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(metrics["loss"], self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr,
                      model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+            # Under TP the gradients are DTensors on two meshes (dp x tp, and dp), which torch's own clip cannot mix.
+            clip = clip_grad_norm_ if self.tp > 1 else torch.nn.utils.clip_grad_norm_
+            norm = clip(self.model.parameters(), p.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -485,20 +527,21 @@ class FullDPORecipeDistributed:
     def evaluate(self) -> dict[str, float]:
         """The step's metrics on the validation pairs (the first `max_eval_batches` batches per rank), prefixed val_.
 
-        Each rank sums the metrics of its shard (the wrap-around repeats left out); the sums are added over all ranks.
+        Each dp rank sums the metrics of its shard (the wrap-around repeats left out); the sums are added over all
+        ranks (each tp group counted once).
         """
         p = self.params
-        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        dp_size, num_items = self.dp_size, len(self.val_dataloader.dataset)
         self.model.eval()
         outputs = []
         with torch.no_grad():
             for index, batch in enumerate(self.val_dataloader):
                 if p.max_eval_batches is not None and index >= p.max_eval_batches:
                     break
-                # This rank's j-th pair is position rank + j * world_size of the validation order; positions past
+                # This dp rank's j-th pair is position dp_rank + j * dp_size of the validation order; positions past
                 # its end are the wrap-around repeats: they run (FSDP's forwards are collectives) but do not count.
                 first = index * p.batch_size
-                positions = self.dist.rank + world_size * torch.arange(first, first + len(batch["tokens"]) // 2)
+                positions = self.dp_rank + dp_size * torch.arange(first, first + len(batch["tokens"]) // 2)
                 keep = (positions < num_items).to(self.device)
                 batch = move_batch(batch, self.device)
                 reference_chosen, reference_rejected = self.reference_logps(batch)
@@ -507,8 +550,8 @@ class FullDPORecipeDistributed:
         self.model.train()
         local = step_metric_sums(outputs)
         names = sorted(local)
-        *sums, num_pairs = distributed.all_reduce_sum([local[name] for name in names] + [local_count(outputs)],
-                                                      self.device)
+        *sums, num_pairs = (total / self.tp for total in distributed.all_reduce_sum(
+            [local[name] for name in names] + [local_count(outputs)], self.device))
         metrics = {f"val_{name}": value / max(num_pairs, 1) for name, value in zip(names, sums)}
         return {**metrics, "val_pairs": int(num_pairs)}
 
@@ -608,6 +651,9 @@ def recipe_main(params: FullDPODistributedParams) -> Path:
         if recipe is not None and recipe.run_lock is not None:
             recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     recipe.cleanup()
+    if recipe.is_rank_zero:
+        print(run_summary("full_dpo_distributed", recipe.global_step, recipe.last_logged, out_dir, adapter=False),
+              flush=True)
     return out_dir
 
 

@@ -3,6 +3,7 @@
     mytune --nproc_per_node 8 lora_dpo_distributed --config llama3_1_8b --override checkpoint_dir=/models/Llama-3.1-8B \
         dataset_path=my_pairs.jsonl
     mytune --nproc_per_node 2 lora_dpo_distributed --config tiny_demo          # CPU, gloo
+    mytune --nproc_per_node 8 lora_dpo_distributed --config llama3_1_70b --override tensor_parallel_dim=8
 
 `lora_finetune_distributed` (sharding, loading, checkpoints) trained on preference pairs as `lora_dpo_single_device`
 does (the duplication is on purpose: read or copy one file). Each rank takes its own pairs of every global batch
@@ -10,6 +11,10 @@ does (the duplication is on purpose: read or copy one file). Each rank takes its
 reference model is the policy with its adapters turned off (`adapters_disabled`, one more sharded forward under
 no_grad: no second copy of the weights), or precomputed once at setup over the whole data with
 `precompute_reference_logps` (each rank computes a block, every rank gets all of it; cached on disk by rank 0).
+Tensor parallel (`tensor_parallel_dim` > 1) is `lora_finetune_distributed`'s: a (dp, tp) mesh, each decoder layer
+split over the tp ranks of a group (adapters following their base layer), FSDP over dp; QLoRA is refused under TP.
+The tp ranks of a group read the same pairs (data split by the dp rank, also for `precompute_reference_logps`: each
+tp group computes one block together); pair counts and metric sums are all-reduced over all ranks and divided by tp.
 
 The loss of an optimizer step is the mean of the preference losses of all its pairs on all ranks; the logged
 rewards/*, logps/* are means over the same pairs, and validation (val_loss, val_rewards/accuracies, ...) averages over
@@ -52,7 +57,7 @@ from mytune.training.layer_wrappers import (
 )
 from mytune.training.lifetime import StopSignals, exit_with_launcher
 from mytune.training.lr_schedule import build_lr_scheduler
-from mytune.training.metrics import build_metric_loggers, truncate_metrics
+from mytune.training.metrics import build_metric_loggers, run_summary, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.preference import (
     METRIC_NAMES,
@@ -79,6 +84,13 @@ from mytune.training.reference_logps import (
 )
 from mytune.training.run_dir import claim_output_dir, remove_stale_cache_temps
 from mytune.training.safety import check_finite
+from mytune.training.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    clip_grad_norm_,
+    make_device_mesh,
+    mesh_dim,
+)
 from recipes.params.lora_dpo_distributed import LoRADPODistributedParams
 
 ADAPTER_DIR_NAME = "adapter"
@@ -92,9 +104,17 @@ class LoRADPORecipeDistributed:
         self.dist = distributed.init_distributed(params.device)
         self.device = self.dist.device
         self.is_rank_zero = self.dist.is_rank_zero
+        # The (dp, tp) mesh: tp = tensor_parallel_dim neighbouring ranks split each layer, FSDP shards over the dp
+        # groups (at tp=1: one "dp" dimension, every rank). The data and the metric sums follow the dp rank and size.
+        self.tp = params.tensor_parallel_dim
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the number of processes
+            mesh = make_device_mesh(self.dist.world_size, self.tp, self.device.type, keep_dp=True)
+        self.tp_mesh, self.dp_mesh = mesh_dim(mesh, "tp"), mesh_dim(mesh, "dp")
+        self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
         self.output_dir = Path(params.output_dir)
         self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32
         self.global_step = 0
+        self.last_logged: dict = {}  # rank 0's newest logged metrics, for the closing summary
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
         # Rank 0 also holds the output_dir's lock until cleanup and refuses to mix with another run's step_<N>.
@@ -139,6 +159,8 @@ class LoRADPORecipeDistributed:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's embedding has only "
                 f"{args.vocab_size}: tokenizer_path does not belong to this checkpoint"
             )
+        with distributed.error_from_rank_zero():  # one line if tp does not divide the heads or the MLP
+            check_tensor_parallel(args, self.tp)
         if self.is_rank_zero:
             if p.checkpoint_dir:
                 cpu_model = load_hf_model(p.checkpoint_dir, device="cpu", dtype=torch.float32)
@@ -162,6 +184,9 @@ class LoRADPORecipeDistributed:
             for param in self.model.parameters():
                 if not param.requires_grad and type(param.data) is torch.Tensor:  # not NF4: QLoRA keeps its own
                     param.data = param.data.to(torch.bfloat16)
+        # Tensor parallel before the wrappers and FSDP: each layer's weights and adapters become DTensors split over
+        # the tp ranks (nothing changes at tp=1), which FSDP then shards again over the dp ranks.
+        apply_tensor_parallel(self.model, self.tp_mesh, sequence_parallel=p.sequence_parallel)
         # Before sharding; neither changes parameter names or state-dict keys.
         if p.activation_checkpointing:
             apply_activation_checkpointing(self.model)
@@ -170,7 +195,7 @@ class LoRADPORecipeDistributed:
         # Each decoder layer is one FSDP unit holding its frozen weights and trainable adapters: FSDP2 reduces
         # gradients for the parameters that have them only.
         distributed.shard_model(self.model, bf16=p.dtype == "bf16", cpu_offload=p.cpu_offload,
-                               reshard_after_forward=p.fsdp_reshard_after_forward)
+                               reshard_after_forward=p.fsdp_reshard_after_forward, mesh=self.dp_mesh)
         distributed.load_full_state_dict(self.model, full_state_dict, self.device)
         del full_state_dict
 
@@ -200,8 +225,8 @@ class LoRADPORecipeDistributed:
         if self.steps_per_epoch == 0:
             raise MytuneError(
                 f"dataset_path has {len(self.dataloader.dataset)} preference pairs for training, fewer than one "
-                f"optimizer step needs (batch_size * gradient_accumulation_steps * world size = "
-                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size})"
+                f"optimizer step needs (batch_size * gradient_accumulation_steps * data-parallel size = "
+                f"{p.batch_size * p.gradient_accumulation_steps * self.dp_size})"
             )
         self.total_steps = self.steps_per_epoch * p.epochs
 
@@ -239,12 +264,14 @@ class LoRADPORecipeDistributed:
             kind = ("QDoRA" if p.quantize_base else "DoRA") if p.use_dora else ("QLoRA" if p.quantize_base else "LoRA")
             reference = ("none (simpo)" if p.loss_type == "simpo" else
                          "precomputed" if p.precompute_reference_logps else "adapters off, per batch")
+            layout = (f" (FSDP over {self.dp_size} x tensor parallel over {self.tp}"
+                      f"{', sequence parallel' if p.sequence_parallel else ''})" if self.tp > 1 else "")
             print(
                 f"lora_dpo_distributed: {p.loss_type} (beta {p.beta}) with {kind} rank {p.lora_rank} on "
                 f"{', '.join(p.lora_target_modules)}: {n_trainable / 1e6:.2f}M trainable of {n_params / 1e6:.1f}M "
-                f"params sharded over {self.dist.world_size} process(es) on {self.device.type} in {p.dtype}, "
+                f"params sharded over {self.dist.world_size} process(es){layout} on {self.device.type} in {p.dtype}, "
                 f"reference {reference}, {self.total_steps} steps of "
-                f"{p.batch_size * p.gradient_accumulation_steps * self.dist.world_size} pairs with {p.optimizer}",
+                f"{p.batch_size * p.gradient_accumulation_steps * self.dp_size} pairs with {p.optimizer}",
                 flush=True,
             )
 
@@ -309,7 +336,7 @@ class LoRADPORecipeDistributed:
                         "quantize_base": p.quantize_base, "chunked": self.chunked_loss}
         compute = partial(reference_logps_for, logps_fn=self.reference_logps, cache_dir=self.cache_dir,
                           model_identity=identity, batch_size=p.batch_size, collate=self.collate, device=self.device,
-                          rank=self.dist.rank, world_size=self.dist.world_size)
+                          rank=self.dist.rank, world_size=self.dist.world_size, group=self.dp_mesh.get_group())
         self.dataset = WithReferenceLogps(self.dataset, compute(self.dataset, name="dataset_path"))
         if self.val_dataset is not None:
             self.val_dataset = WithReferenceLogps(self.val_dataset, compute(self.val_dataset, name="validation"))
@@ -321,15 +348,18 @@ class LoRADPORecipeDistributed:
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """`[2B, S]` rows (the B chosen, then the B rejected responses), with the precomputed reference log-probs when
-        the items carry them."""
-        return collate_with_reference(items, collate=partial(preference_collate, pad_id=self.tokenizer.pad_id))
+        the items carry them; under sequence parallel (which cuts it in tp equal parts) S is a multiple of tp."""
+        multiple = self.tp if self.params.sequence_parallel else 1
+        return collate_with_reference(items, collate=partial(preference_collate, pad_id=self.tokenizer.pad_id,
+                                                             pad_to_multiple_of=multiple))
 
     def setup_loaders(self) -> None:
         """Loaders that give each rank its own pairs. The sampler's state (epoch, pairs consumed by all ranks) is
         what a checkpoint needs to resume the data where it stopped: `self.dataloader.state_dict()`."""
         p = self.params
-        # Rank r takes positions r, r + world, r + 2 * world, ... of each epoch's seeded order (the same on every rank).
-        sampler = ResumableSampler(self.dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+        # Data-parallel rank d takes positions d, d + dp, d + 2 * dp, ... of each epoch's seeded order (the same on
+        # every rank); the tp ranks of one group share a dp rank and so read the same pairs.
+        sampler = ResumableSampler(self.dataset, rank=self.dp_rank, world_size=self.dp_size,
                                    shuffle=p.shuffle, seed=p.seed)
         # Pinned on CUDA: move_batch's non-blocking copies then overlap the host's work.
         pin = self.device.type == "cuda"
@@ -340,7 +370,7 @@ class LoRADPORecipeDistributed:
             # A plain DataLoader in a fixed order: every validation starts at the first batch. Without drop_last the
             # sampler wraps around so that every rank runs the same number of forwards (FSDP needs that); `evaluate`
             # leaves the repeated pairs out.
-            val_sampler = ResumableSampler(self.val_dataset, rank=self.dist.rank, world_size=self.dist.world_size,
+            val_sampler = ResumableSampler(self.val_dataset, rank=self.dp_rank, world_size=self.dp_size,
                                            shuffle=False, drop_last=False)
             self.val_dataloader = DataLoader(self.val_dataset, batch_size=p.batch_size, sampler=val_sampler,
                                              collate_fn=self.collate, pin_memory=pin)
@@ -381,6 +411,7 @@ class LoRADPORecipeDistributed:
                                            f"val_rewards/accuracies {metrics['val_rewards/accuracies']:.3f}")
                     if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
                         self.metric_logger.log(metrics)
+                        self.last_logged = metrics  # for the run's closing summary
                     if self.stop_requested:  # the same on every rank: train_step's loss all-reduce carried the flag
                         if self.is_rank_zero:
                             progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
@@ -394,20 +425,22 @@ class LoRADPORecipeDistributed:
         """One optimizer step over this rank's `micro_batches` (gradient accumulation); returns its metrics, which
         are the same on every rank (loss and metrics averaged over all pairs of all ranks)."""
         p = self.params
-        world_size = self.dist.world_size
-        # The step's loss is the mean over ALL its pairs on all ranks, not per rank or micro-batch.
+        # The step's loss is the mean over ALL its pairs on all ranks, not per rank or micro-batch. The sums run over
+        # every rank, and the tp ranks of a group hold the same pairs: divided by tp, each counts once.
         local_pairs = sum(len(b["tokens"]) // 2 for b in micro_batches)  # each batch: B chosen + B rejected rows
         local_input_tokens = sum(int(b["seq_lens"].sum()) for b in micro_batches)  # real tokens, no padding
-        num_pairs, num_input_tokens = distributed.all_reduce_sum([local_pairs, local_input_tokens], self.device)
+        num_pairs, num_input_tokens = (total / self.tp for total in distributed.all_reduce_sum(
+            [local_pairs, local_input_tokens], self.device))
         results = []  # detached; read after the loop: one device sync per step, not one per micro-batch
         for batch in micro_batches:
             batch = move_batch(batch, self.device)
             reference = self.batch_reference_logps(batch)  # first: its activations are gone before the policy's
             with activation_offloading(self.offload_activations):  # the forward only: the backward brings them back
                 out, chosen, rejected = self.preference_forward(batch, reference)
-            # FSDP averages gradients over ranks; scaling by world_size turns that mean into the sum, so
-            # the gradient is that of sum(pair losses of the global batch) / num_pairs.
-            (out.losses.sum() / num_pairs * world_size).backward()
+            # FSDP averages gradients over the dp ranks; scaling by their number turns that mean into the sum, so
+            # the gradient is that of sum(pair losses of the global batch) / num_pairs (the tp ranks of a group
+            # compute one gradient together: DTensor sums the parts, nothing to scale).
+            (out.losses.sum() / num_pairs * self.dp_size).backward()
             results.append((out, chosen.detach(), rejected.detach()))
         out, chosen, rejected = concat_results(results)
         # Sums over this rank's pairs; the preemption flag rides on the all-reduce the step does anyway: every rank
@@ -416,19 +449,22 @@ class LoRADPORecipeDistributed:
         totals = distributed.all_reduce_sum([*torch.stack(local).tolist(), float(self.preemption.should_stop)],
                                             self.device)
         self.stop_requested = totals[-1] > 0
+        totals = [total / self.tp for total in totals[:-1]]  # each tp group's pairs counted once
         step_loss = totals[0] / num_pairs
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao's low-bit AdamW keeps lr as a tensor
         # The same value on every rank, so all ranks raise together; before the optimizer step.
         check_finite(step_loss, self.global_step + 1, last_checkpoint=self.last_checkpoint, lr=lr, model=self.model)
         grad_norm = None
         if p.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, p.max_grad_norm)
+            # Under TP the gradients are DTensors on two meshes (dp x tp, and dp), which torch's own clip cannot mix.
+            clip = clip_grad_norm_ if self.tp > 1 else torch.nn.utils.clip_grad_norm_
+            norm = clip(self.trainable, p.max_grad_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.global_step += 1
-        metrics = {name: value / num_pairs for name, value in zip(METRIC_NAMES, totals[1:-1])}
+        metrics = {name: value / num_pairs for name, value in zip(METRIC_NAMES, totals[1:])}
         return {"step": self.global_step, "loss": step_loss, **metrics, "lr": lr, "grad_norm": grad_norm,
                 "num_tokens": int(num_input_tokens)}
 
@@ -480,7 +516,7 @@ class LoRADPORecipeDistributed:
         """The preference loss and metrics over the validation pairs (its first `max_eval_batches` batches per rank),
         as `val_loss`, `val_rewards/accuracies`, ...: means over the pairs of all ranks, each pair counted once."""
         p = self.params
-        world_size, num_items = self.dist.world_size, len(self.val_dataloader.dataset)
+        dp_size, num_items = self.dp_size, len(self.val_dataloader.dataset)
         self.model.eval()
         results = []
         with torch.no_grad():
@@ -489,10 +525,10 @@ class LoRADPORecipeDistributed:
                     break
                 batch = move_batch(batch, self.device)
                 out, chosen, rejected = self.preference_forward(batch, self.batch_reference_logps(batch))
-                # This rank's j-th pair is position rank + j * world_size of the validation order; positions past
+                # This dp rank's j-th pair is position dp_rank + j * dp_size of the validation order; positions past
                 # its end are the wrap-around repeats: left out.
                 first = index * p.batch_size
-                positions = self.dist.rank + world_size * torch.arange(first, first + len(chosen))
+                positions = self.dp_rank + dp_size * torch.arange(first, first + len(chosen))
                 keep = (positions < num_items).to(self.device)
                 results.append((PreferenceLoss(*(t[keep] for t in out)), chosen[keep], rejected[keep]))
         self.model.train()
@@ -501,7 +537,8 @@ class LoRADPORecipeDistributed:
         local = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float32, device=self.device)
         if count:
             local = torch.cat([out.losses.sum().view(1), preference_metric_tensor(out, chosen, rejected) * count])
-        *totals, num_pairs = distributed.all_reduce_sum([*local.tolist(), count], self.device)
+        *totals, num_pairs = (total / self.tp for total in distributed.all_reduce_sum([*local.tolist(), count],
+                                                                                     self.device))
         metrics = {"loss": totals[0] / max(num_pairs, 1)}
         metrics.update({name: value / max(num_pairs, 1) for name, value in zip(METRIC_NAMES, totals[1:])})
         return {**{f"val_{name}": value for name, value in metrics.items()}, "val_pairs": int(num_pairs)}
@@ -586,6 +623,9 @@ def recipe_main(params: LoRADPODistributedParams) -> Path:
         if recipe is not None and recipe.run_lock is not None:
             recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     recipe.cleanup()
+    if recipe.is_rank_zero:
+        print(run_summary("lora_dpo_distributed", recipe.global_step, recipe.last_logged, out_dir, adapter=True),
+              flush=True)
     return out_dir
 
 

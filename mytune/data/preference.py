@@ -128,16 +128,17 @@ class PreferenceDataset(Dataset):
                 f"{s.get('bad_rows_skipped', 0)} bad rows skipped; tokenization cache: {s.get('cache', 'off')})")
 
 
-def preference_collate(items: list[dict], *, pad_id: int,
-                       ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX) -> dict[str, torch.Tensor]:
+def preference_collate(items: list[dict], *, pad_id: int, ignore_index: int = CROSS_ENTROPY_IGNORE_INDEX,
+                       pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """A batch for one concatenated forward: `padded_collate` over [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}].
 
     Rows [:B] are the chosen sides and [B:] the rejected ones (pair i at rows i and B + i), all padded to the longest
-    of the 2B sequences: "tokens", "labels" [2B, S], "seq_lens" [2B], "label_positions".
+    of the 2B sequences (rounded up to `pad_to_multiple_of`: sequence parallel): "tokens", "labels" [2B, S],
+    "seq_lens" [2B], "label_positions".
     """
     sides = [{"tokens": item["chosen_tokens"], "labels": item["chosen_labels"]} for item in items]
     sides += [{"tokens": item["rejected_tokens"], "labels": item["rejected_labels"]} for item in items]
-    return padded_collate(sides, pad_id=pad_id, ignore_index=ignore_index)
+    return padded_collate(sides, pad_id=pad_id, ignore_index=ignore_index, pad_to_multiple_of=pad_to_multiple_of)
 
 
 # ---- building --------------------------------------------------------------------------------------------------------

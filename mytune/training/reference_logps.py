@@ -104,27 +104,33 @@ def reference_cache_key(dataset_hash: str, model_identity: dict[str, Any]) -> st
 # ---- computing -------------------------------------------------------------------------------------------------------
 def compute_reference_logps(dataset: Sequence[dict], logps_fn: LogpsFn, *, batch_size: int,
                             collate: Callable[[list[dict]], dict], device: torch.device, rank: int = 0,
-                            world_size: int = 1, desc: str = "reference log-probs") -> torch.Tensor:
+                            world_size: int = 1, desc: str = "reference log-probs", group=None) -> torch.Tensor:
     """float32 `[len(dataset), 2]` (chosen, rejected) summed log-probs, row i for item i, on the CPU.
 
     `logps_fn(batch)` gets a collated batch already on `device` and returns the reference's `[B]` chosen and `[B]`
     rejected sums; it runs under no_grad. With `world_size > 1`, every rank computes its block and ends with the
     whole table (the same number of calls on every rank).
+
+    `group` (tensor parallelism): the blocks are split over this process group (the data-parallel ranks) instead of
+    the whole world; the ranks of one tensor-parallel group then compute the same block together, in the model's
+    (dp, tp) layout, and the blocks are gathered over `group`. `rank` and `world_size` stay the global ones.
     """
-    n = len(dataset)
+    n, show_progress = len(dataset), rank == 0
+    if group is not None:
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     per_rank = math.ceil(n / world_size)
     start = rank * per_rank
     indices = [min(i, n - 1) for i in range(start, start + per_rank)]  # the last block's tail repeats the last item
     out = torch.empty(per_rank, 2, dtype=torch.float32, device=device)
     with torch.no_grad():
-        for first in tqdm(range(0, per_rank, batch_size), desc=desc, disable=rank != 0, dynamic_ncols=True):
+        for first in tqdm(range(0, per_rank, batch_size), desc=desc, disable=not show_progress, dynamic_ncols=True):
             batch = collate([dataset[i] for i in indices[first:first + batch_size]])
             chosen, rejected = logps_fn(move_batch(batch, device))
             out[first:first + len(chosen), 0] = chosen.float()
             out[first:first + len(chosen), 1] = rejected.float()
     if world_size > 1:
         blocks = [torch.empty_like(out) for _ in range(world_size)]
-        dist.all_gather(blocks, out)
+        dist.all_gather(blocks, out, group=group)
         out = torch.cat(blocks)
     return out[:n].cpu()
 
@@ -132,12 +138,13 @@ def compute_reference_logps(dataset: Sequence[dict], logps_fn: LogpsFn, *, batch
 def reference_logps_for(dataset: Sequence[dict], logps_fn: LogpsFn, *, cache_dir: str | Path | None,
                         model_identity: dict[str, Any] | None, batch_size: int,
                         collate: Callable[[list[dict]], dict], device: torch.device, rank: int = 0,
-                        world_size: int = 1, name: str = "dataset") -> torch.Tensor:
+                        world_size: int = 1, name: str = "dataset", group=None) -> torch.Tensor:
     """The reference's `[len(dataset), 2]` log-probs: read from the cache (`cache_dir`, None = no cache) when it holds
     this dataset and model, else computed (`compute_reference_logps`) and written there by rank 0.
 
     `model_identity` (e.g. `{"checkpoint": checkpoint_identity(dir), "dtype": ...}`) is read on rank 0 only: the
-    other ranks may pass None (they neither hash the data nor touch the cache)."""
+    other ranks may pass None (they neither hash the data nor touch the cache). `group`: the data-parallel process
+    group under tensor parallelism (see `compute_reference_logps`); `rank` and `world_size` stay the global ones."""
     table = None
     if cache_dir is not None:
         if rank == 0:
@@ -151,7 +158,8 @@ def reference_logps_for(dataset: Sequence[dict], logps_fn: LogpsFn, *, cache_dir
                 print(f"{name}: reference log-probs of {len(dataset)} pairs read from {path}", flush=True)
             return table
     table = compute_reference_logps(dataset, logps_fn, batch_size=batch_size, collate=collate, device=device,
-                                    rank=rank, world_size=world_size, desc=f"{name}: reference log-probs")
+                                    rank=rank, world_size=world_size, desc=f"{name}: reference log-probs",
+                                    group=group)
     if cache_dir is not None and rank == 0:
         if save_table(path, table) is not None:
             print(f"{name}: reference log-probs of {len(dataset)} pairs cached in {path}", flush=True)

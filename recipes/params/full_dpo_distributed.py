@@ -2,15 +2,17 @@
 
 The preference loss and data fields and their meaning are those of `lora_dpo_single_device` / `lora_dpo_distributed`
 (so a config moves between them by swapping the LoRA fields for the full fine-tune's); the model, optimisation,
-memory, checkpoint and FSDP fields are those of `full_finetune_distributed`. `batch_size` is pairs per process: the
-global batch of one optimizer step is batch_size * gradient_accumulation_steps * world size pairs.
+memory, checkpoint, FSDP and tensor-parallel fields are those of `full_finetune_distributed`. `batch_size` is pairs
+per data-parallel rank: the global batch of one optimizer step is batch_size * gradient_accumulation_steps * world
+size / tensor_parallel_dim pairs (the ranks of one tensor-parallel group share their pairs).
 """
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from mytune.config.validation import (
-    check_distributed_device, check_float8, check_preference_fields, check_training_fields,
+    check_distributed_device, check_float8, check_preference_fields, check_tensor_parallel_fields,
+    check_training_fields,
 )
 
 
@@ -86,6 +88,8 @@ class FullDPODistributedParams:
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters (the reference's too), gradients and optimizer state in CPU memory (GPU runs)
     fsdp_reshard_after_forward: bool = True  # free each policy layer's gathered weights after its forward (less memory; false: no second all-gather in the backward)
+    tensor_parallel_dim: int = 1  # tensor parallel: split each layer's matmuls (attention heads, MLP) over this many processes (a divisor of the world size, within a node); FSDP shards over the world size / tensor_parallel_dim groups
+    sequence_parallel: bool = False  # with tensor_parallel_dim > 1: also split the norms' and residuals' activations along the sequence (less activation memory; batches padded to a multiple of tensor_parallel_dim)
     seed: int = 0  # seeds model init, data order and dropout
     log_every_n_steps: int = 1  # optimizer steps between metrics lines
     metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
@@ -97,3 +101,4 @@ class FullDPODistributedParams:
         check_distributed_device(self)
         check_float8(self)
         check_preference_fields(self)
+        check_tensor_parallel_fields(self)

@@ -1,16 +1,18 @@
 """Parameters of the `lora_dpo_distributed` recipe: the one schema for its YAML configs and `--override`s.
 
 The fields and their meaning are those of `lora_dpo_single_device` (so a config moves between the two by changing
-its device and sizes), plus `cpu_offload` and `fsdp_reshard_after_forward` as in `lora_finetune_distributed`.
-`batch_size` is per process: the global batch of one optimizer step is batch_size * gradient_accumulation_steps *
-world size pairs.
+its device and sizes), plus `cpu_offload`, `fsdp_reshard_after_forward`, `tensor_parallel_dim` and
+`sequence_parallel` as in `lora_finetune_distributed`. `batch_size` is per data-parallel rank: the global batch of one
+optimizer step is batch_size * gradient_accumulation_steps * world size / tensor_parallel_dim pairs (the ranks of one
+tensor-parallel group share their pairs).
 """
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from mytune.config.validation import (
-    check_distributed_device, check_lora_fields, check_preference_fields, check_training_fields,
+    check_distributed_device, check_lora_fields, check_preference_fields, check_tensor_parallel_fields,
+    check_training_fields,
 )
 
 
@@ -93,6 +95,8 @@ class LoRADPODistributedParams:
     device: str = "auto"  # auto (cuda when available, else cpu), cpu or cuda; each rank uses cuda:LOCAL_RANK
     cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (GPU runs)
     fsdp_reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (less memory; false: no second all-gather in the backward)
+    tensor_parallel_dim: int = 1  # tensor parallel: split each layer's matmuls (attention heads, MLP) over this many processes (a divisor of the world size, within a node); FSDP shards over the world size / tensor_parallel_dim groups
+    sequence_parallel: bool = False  # with tensor_parallel_dim > 1: also split the norms' and residuals' activations along the sequence (less activation memory; batches padded to a multiple of tensor_parallel_dim)
     seed: int = 0  # seeds model init, adapter init, data order and dropout
     log_every_n_steps: int = 1  # optimizer steps between metrics lines
     metric_loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (output_dir/metrics.jsonl), stdout, tensorboard, wandb
@@ -104,3 +108,4 @@ class LoRADPODistributedParams:
         check_lora_fields(self)
         check_distributed_device(self)
         check_preference_fields(self)
+        check_tensor_parallel_fields(self)

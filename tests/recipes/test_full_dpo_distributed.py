@@ -124,6 +124,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(two_rank_run, tmp_
     assert all(a["val_pairs"] == b["val_pairs"] == 41 for a, b in evaluated)
     assert_same_metrics([a for a, _ in evaluated], [b for _, b in evaluated], "validation", prefix="val_")
     assert result.stdout.count("saved checkpoint to") == 1  # rank 0 alone logs and writes
+    assert result.stdout.count("full_dpo_distributed done:") == 1  # rank 0 alone prints the closing summary
     assert result.stdout.count("a frozen sharded reference") == 1
 
 

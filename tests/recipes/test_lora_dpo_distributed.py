@@ -59,6 +59,7 @@ def test_two_ranks_match_single_device_on_the_same_global_batch(tmp_path):
     result = two_ranks(tmp_path / "fsdp", "batch_size=2", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved merged checkpoint to") == 1  # rank 0 only logs
+    assert result.stdout.count("lora_dpo_distributed done:") == 1  # rank 0 alone prints the closing summary
     parser = TuneArgumentParser(LoRADPOParams, recipe="lora_dpo_single_device")
     single_recipe.recipe_main(parser.parse_params(
         ["--config", "tiny_demo", "--override", f"output_dir={tmp_path / 'single'}", "batch_size=4",
