@@ -81,7 +81,7 @@ from mytune.training.layer_wrappers import (
 from mytune.training.loss import IGNORE_INDEX, count_label_tokens, label_positions
 from mytune.training.lr_schedule import build_lr_scheduler
 from mytune.training.lifetime import StopSignals, exit_with_launcher
-from mytune.training.metrics import build_metric_loggers, truncate_metrics
+from mytune.training.metrics import build_metric_loggers, run_summary, truncate_metrics
 from mytune.training.optim import build_optimizer
 from mytune.training.profiling import maybe_profile, peak_memory_gib
 from mytune.training.recipe_state import (
@@ -124,6 +124,7 @@ class KnowledgeDistillationRecipeDistributed:
         self.lora = bool(params.lora_target_modules)  # else the student is fine-tuned in full
         self.save_dtype = torch.bfloat16 if params.dtype == "bf16" else torch.float32  # a LoRA student's base
         self.global_step = 0
+        self.last_logged: dict = {}  # rank 0's newest logged metrics, for the closing summary
         self.epoch = 0
         # Rank 0 decides where to resume from (None: a fresh run) and tells the others, so all ranks agree.
         # Rank 0 also holds the output_dir's lock until cleanup and refuses to mix with another run's step_<N>.
@@ -446,6 +447,7 @@ class KnowledgeDistillationRecipeDistributed:
                                            f"(ce {metrics['val_ce_loss']:.4f}, kd {metrics['val_kd_loss']:.4f})")
                     if self.is_rank_zero and (self.global_step % p.log_every_n_steps == 0 or last_step or evaluate):
                         self.metric_logger.log(metrics)
+                        self.last_logged = metrics  # for the run's closing summary
                     if self.stop_requested:  # the same on every rank: train_step's loss all-reduce carried the flag
                         if self.is_rank_zero:
                             progress.write(f"preemption signal at step {self.global_step}: saving a checkpoint and "
@@ -631,6 +633,9 @@ def recipe_main(params: KnowledgeDistillationDistributedParams) -> Path:
         if recipe is not None and recipe.run_lock is not None:
             recipe.run_lock.release()  # also on an error: the output_dir is free for the next run
     recipe.cleanup()
+    if recipe.is_rank_zero:
+        print(run_summary("knowledge_distillation_distributed", recipe.global_step, recipe.last_logged, out_dir,
+                          adapter=recipe.lora), flush=True)
     return out_dir
 
 
