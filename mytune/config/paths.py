@@ -42,8 +42,17 @@ def find_missing_paths(params: object) -> list[str]:
                 docs = field_docs(params_cls)
             expected = docs.get(name, "an existing file or directory")
             missing.append(f"{name}: {value} does not exist (set {name}=... to {expected})"
-                           + _download_hint(params, name))
+                           + _download_hint(params, name) + _earlier_run_hint(value))
     return missing
+
+
+def _earlier_run_hint(value: str | os.PathLike) -> str:
+    """A missing `<output_dir>/step_<N>` is what an earlier run writes (the DPO demo starts from the SFT demo's)."""
+    path = Path(value)
+    if not re.fullmatch(r"step_\d+", path.name):
+        return ""
+    return (f"; it is a checkpoint a fine-tuning run writes into its output_dir {path.parent}: run that recipe first "
+            f"(the config's header says which), from this directory")
 
 
 def _download_hint(params: object, name: str) -> str:

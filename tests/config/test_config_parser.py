@@ -263,6 +263,15 @@ def test_find_missing_paths(tmp_path):
     ]
 
 
+def test_a_missing_step_dir_says_an_earlier_run_writes_it(tmp_path):
+    """The DPO demo starts from the SFT demo's outputs/tiny_demo/step_864: missing, the line says to run that first."""
+    step = tmp_path / "outputs" / "tiny_demo" / "step_864"
+    missing = find_missing_paths(DemoParams(model_dir=str(step)))
+    assert missing == [f"model_dir: {step} does not exist (set model_dir=... to Hugging Face model directory); it is "
+                       f"a checkpoint a fine-tuning run writes into its output_dir {step.parent}: run that recipe "
+                       "first (the config's header says which), from this directory"]
+
+
 def test_one_line_error_and_exit_code_in_a_real_process(tmp_path):
     script = tmp_path / "fake_recipe.py"
     script.write_text(
