@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mytune.errors import MytuneError
-from mytune.training.loss import IGNORE_INDEX
+from mytune.training.loss import IGNORE_INDEX, select_labelled
 
 # Text the tokenizer check encodes with both tokenizers: words, digits, punctuation, whitespace runs, non-Latin.
 PROBE_TEXT = ("Knowledge distillation: the student (1.5B) learns from the teacher's 7B logits!\n\n"
@@ -59,12 +59,8 @@ def distillation_loss_sums(student_hidden: torch.Tensor, student_head_weight: to
         raise MytuneError(f"the teacher's head has {teacher_head_weight.size(0)} rows, fewer than the student's "
                           f"{vocab}: distil into a student whose vocabulary is no larger than the teacher's")
     teacher_head_weight = teacher_head_weight.detach()[:vocab]  # padding rows past the student's vocab: left out
-    student = student_hidden[:, :-1, :].reshape(-1, student_hidden.size(-1))
-    teacher = teacher_hidden.detach()[:, :-1, :].reshape(-1, teacher_hidden.size(-1))
-    targets = labels[:, 1:].reshape(-1)
-    if positions is None:
-        positions = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    student, teacher, targets = (t.index_select(0, positions) for t in (student, teacher, targets))
+    student, targets, positions = select_labelled(student_hidden, labels, positions)
+    teacher = select_labelled(teacher_hidden.detach(), labels, positions)[0]
     ce_total = torch.zeros((), dtype=torch.float32, device=student.device)
     kd_total = torch.zeros((), dtype=torch.float32, device=student.device)
     for s_chunk, t_chunk, target_chunk in zip(student.split(chunk_size), teacher.split(chunk_size),

@@ -27,6 +27,18 @@ def label_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     return (labels[:, 1:].reshape(-1) != ignore_index).nonzero().squeeze(-1)
 
 
+def select_labelled(hidden: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a label, `[n, hidden]`, the labels they predict, `[n]`, and their flat
+    positions (`label_positions`): position t of `[batch, seq, hidden]` scores label t+1. `positions` from the
+    collate saves the host sync that finding them here costs. The chunked losses project only these rows."""
+    flat_hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    if positions is None:
+        positions = label_positions(labels, ignore_index)
+    return flat_hidden.index_select(0, positions), targets.index_select(0, positions), positions
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum of next-token cross-entropy over non-ignored positions, computed in float32.
 
@@ -70,14 +82,7 @@ def chunked_cross_entropy_sum(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
-    targets = labels[:, 1:].reshape(-1)
-    if positions is not None:
-        hidden, targets = hidden.index_select(0, positions), targets.index_select(0, positions)
-    else:
-        keep = targets != ignore_index
-        if not bool(keep.all()):
-            hidden, targets = hidden[keep], targets[keep]
+    hidden, targets, _ = select_labelled(hidden, labels, positions, ignore_index)
     chunk_loss = _compiled_chunk_cross_entropy_sum() if compile else _chunk_cross_entropy_sum
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # split (not a loop of slices): one backward node concatenates the chunks' input gradients once.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mytune.errors import ConfigError
-from mytune.training.loss import IGNORE_INDEX
+from mytune.training.loss import IGNORE_INDEX, select_labelled
 
 LOSS_TYPES = ("dpo", "ipo", "simpo")
 
@@ -68,12 +68,8 @@ def sequence_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     rows, seq = labels.shape
-    targets = labels[:, 1:].reshape(-1)
     counts = (labels[:, 1:] != ignore_index).sum(dim=1)
-    flat_hidden = hidden[:, :-1, :].reshape(-1, hidden.size(-1))
-    if positions is None:
-        positions = (targets != ignore_index).nonzero().squeeze(-1)
-    flat_hidden, targets = flat_hidden.index_select(0, positions), targets.index_select(0, positions)
+    flat_hidden, targets, positions = select_labelled(hidden, labels, positions, ignore_index)
     token_logps = [
         torch.utils.checkpoint.checkpoint(
             _chunk_token_logps, hidden_chunk, lm_head_weight, target_chunk,
