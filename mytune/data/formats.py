@@ -12,7 +12,7 @@ A bad row raises `RowError` naming the column and the problem; callers prefix wh
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mytune.errors import ConfigError, MytuneError
@@ -49,14 +49,20 @@ class Example:
         return [{"role": role, "content": content} for role, content in self.messages]
 
 
-def check_column_map(column_map: Mapping[str, str] | None) -> dict[str, str]:
-    """Validate `column_map` ({our column: dataset column}); unknown keys raise `ConfigError` naming the valid ones."""
+def check_column_map(column_map: Mapping[str, str] | None, columns: Sequence[str] | None = None,
+                     reader: str = "mytune") -> dict[str, str]:
+    """Validate `column_map` ({our column: dataset column}); unknown keys raise `ConfigError` naming the valid ones:
+    `columns` (default: the SFT formats' columns), the columns `reader` reads."""
     if not column_map:
         return {}
-    known = sorted({column for columns in FORMAT_COLUMNS.values() for column in columns})
+    known = list(columns) if columns is not None else sorted(
+        {column for format_columns in FORMAT_COLUMNS.values() for column in format_columns})
+    if not isinstance(column_map, Mapping):
+        raise ConfigError(f"column_map must be a mapping of {'/'.join(known)} to dataset column names, "
+                          f"got {type(column_map).__name__}")
     for ours, theirs in column_map.items():
         if ours not in known:
-            raise ConfigError(f"column_map key {ours!r} is not a column mytune reads; use one of {', '.join(known)}")
+            raise ConfigError(f"column_map key {ours!r} is not a column {reader} reads; use one of {', '.join(known)}")
         if not isinstance(theirs, str) or not theirs:
             raise ConfigError(f"column_map[{ours!r}] must be a dataset column name, got {theirs!r}")
     return dict(column_map)

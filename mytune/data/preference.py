@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from mytune.data.cache import cache_key, load_entry, save_entry, tokenizer_fingerprint, warn
 from mytune.data.collate import padded_collate
 from mytune.data.encoding import special_token_strings
-from mytune.data.formats import Example, RowError, column_label, string_column, to_example
+from mytune.data.formats import Example, RowError, check_column_map, column_label, string_column, to_example
 from mytune.data.rows import RowTable, read_rows
 from mytune.data.sft import (
     CROSS_ENTROPY_IGNORE_INDEX,
@@ -56,7 +56,7 @@ from mytune.data.sft import (
     tokenizer_workers,
 )
 from mytune.data.templates import PromptRenderer, Rendered, resolve_template
-from mytune.errors import ConfigError, MytuneError
+from mytune.errors import MytuneError
 
 PREFERENCE_FORMATS = ("standard", "conversational", "implicit")
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -198,24 +198,8 @@ def _preference_settings(max_seq_len, column_map, chat_template, skip_bad_rows, 
     """SFT's setting checks, with the preference column map (prompt/chosen/rejected) checked here."""
     settings = check_settings(max_seq_len, None, None, chat_template, skip_bad_rows, truncation, num_proc,
                                source=source)
-    settings.column_map = check_preference_column_map(column_map)
+    settings.column_map = check_column_map(column_map, PREFERENCE_COLUMNS, reader="preference data")
     return settings
-
-
-def check_preference_column_map(column_map: Mapping[str, str] | None) -> dict[str, str]:
-    """Validate `column_map` ({our column: dataset column}); unknown keys raise `ConfigError` naming the valid ones."""
-    if not column_map:
-        return {}
-    if not isinstance(column_map, Mapping):
-        raise ConfigError(f"column_map must be a mapping of {'/'.join(PREFERENCE_COLUMNS)} to dataset column names, "
-                          f"got {type(column_map).__name__}")
-    for ours, theirs in column_map.items():
-        if ours not in PREFERENCE_COLUMNS:
-            raise ConfigError(f"column_map key {ours!r} is not a column preference data reads; use one of "
-                              f"{', '.join(PREFERENCE_COLUMNS)}")
-        if not isinstance(theirs, str) or not theirs:
-            raise ConfigError(f"column_map[{ours!r}] must be a dataset column name, got {theirs!r}")
-    return dict(column_map)
 
 
 def _dataset(tokens, targets, offsets, meta, settings: DataSettings, *, cache: str, key: str | None) -> PreferenceDataset:
