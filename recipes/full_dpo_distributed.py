@@ -495,7 +495,7 @@ class FullDPORecipeDistributed:
             return batch["reference_chosen_logps"], batch["reference_rejected_logps"]
         with torch.no_grad():
             logps, _ = self.sequence_logps(self.reference, batch)
-        reshard(self.reference)  # FSDP keeps the root's (and the last layer's) weights for a backward that never comes
+        distributed.reshard(self.reference)  # no backward comes: free the root's and last layer's gathered weights
         return logps.chunk(2)
 
     def pair_loss(self, model: TransformerDecoder, batch: dict[str, torch.Tensor], reference_chosen,
@@ -586,15 +586,6 @@ class FullDPORecipeDistributed:
             self.metric_logger.close()
             self.run_lock.release()
         distributed.destroy_distributed()
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Free the gathered weights every FSDP module of `model` still holds (after a forward with no backward)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def detached(out: PreferenceLoss) -> PreferenceLoss:

@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -342,9 +341,7 @@ class LoRADPORecipeDistributed:
             self.val_dataset = WithReferenceLogps(self.val_dataset, compute(self.val_dataset, name="validation"))
         # Forwards without a backward leave the last layer's and the root's weights gathered (FSDP keeps them for
         # the backward): shard them again, so that the optimizer is built on (and the memory is that of) the shards.
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        distributed.reshard(self.model)
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """`[2B, S]` rows (the B chosen, then the B rejected responses), with the precomputed reference log-probs when

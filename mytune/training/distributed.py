@@ -368,6 +368,17 @@ def error_from_rank_zero():
         raise
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights every FSDP module of `model` still holds. A forward with no backward (a frozen
+    reference, a precompute) leaves the root's and the last layer's weights gathered, kept for a backward that never
+    comes: an optimizer built then would hold unsharded parameters, and the memory is that of the whole weights."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of `values` over all ranks (one collective for a few scalars), in float64."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
